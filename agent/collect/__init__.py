@@ -1,0 +1,1 @@
+"""GPU collectors: real NVML (`nvml`) and simulated (`simulated`) behind one interface (`base`)."""

@@ -1,0 +1,109 @@
+"""Wiring for `gpusoc-agent run`: config → collector → SDK receiver → buffer → server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import sys
+
+from agent.buffer import FrameBuffer
+from agent.collect.base import Collector, NoDriverError
+from agent.runtime import AgentRuntime
+
+log = logging.getLogger("gpusoc.agent")
+
+
+def make_collector(simulate_gpus: int, host: str, runtime_ref: list[AgentRuntime]) -> Collector:
+    """NVML unless simulation was asked for; NoDriverError propagates with its one-line message."""
+    if simulate_gpus > 0:
+        from agent.collect.simulated import SimulatedCollector
+
+        return SimulatedCollector(
+            simulate_gpus, host=host,
+            load_source=lambda: runtime_ref[0].gpu_activity() if runtime_ref else {},
+        )
+    from agent.collect.nvml import NvmlCollector
+
+    collector = NvmlCollector()
+    collector.gpus()  # forces NVML init now, so a missing driver fails at start-up
+    return collector
+
+
+async def serve_forever(cfg: object, collector: Collector) -> None:
+    """Run the tick loop and the gRPC server until SIGINT/SIGTERM."""
+    from agent.pki import server_credentials
+    from agent.serve import start_server
+    from agent.training import TrainingReceiver
+
+    c = cfg  # AgentConfig
+    interval = float(c.sample_interval_s)  # type: ignore[attr-defined]
+    max_frames = max(60, math.ceil(float(c.buffer_seconds) / interval))  # type: ignore[attr-defined]
+    buffer = FrameBuffer(max_frames=max_frames, max_bytes=int(c.buffer_max_bytes))  # type: ignore[attr-defined]
+    receiver = TrainingReceiver(c.training_socket or None)  # type: ignore[attr-defined]
+    runtime = AgentRuntime(c.host, collector, buffer, interval, training=receiver)  # type: ignore[attr-defined]
+    runtime_ref.append(runtime)
+    creds = None
+    if not c.insecure:  # type: ignore[attr-defined]
+        creds = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)  # type: ignore[attr-defined]
+    server, port = await start_server(runtime, c.listen, creds)  # type: ignore[attr-defined]
+    log.info("serving %s on %s (port %d), %s, training socket %s, epoch %s",
+             c.host, c.listen, port, "INSECURE plaintext" if creds is None else "mTLS",  # type: ignore[attr-defined]
+             receiver.socket_path, buffer.epoch)
+    loop = asyncio.get_running_loop()
+    from agent.cli import install_signal_handlers
+
+    stop = asyncio.Event()
+    install_signal_handlers(loop, stop)
+    task = asyncio.create_task(runtime.run())
+    await stop.wait()
+    log.info("stopping")
+    runtime.stop()
+    await task
+    await server.stop(grace=1.0)
+    receiver.close()
+    collector.close()
+
+
+runtime_ref: list[AgentRuntime] = []
+
+
+def run_agent_cli(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError, enforce_insecure_loopback, load_config
+
+    overrides = {
+        k: getattr(args, k)
+        for k in ("listen", "simulate_gpus", "training_socket", "sample_interval_s", "host",
+                  "tls_cert", "tls_key", "tls_client_ca", "insecure")
+        if getattr(args, k, None) is not None
+    }
+    try:
+        cfg = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"gpusoc-agent: config error: {exc}", file=sys.stderr)
+        return 2
+    cfg, warning = enforce_insecure_loopback(cfg)
+    if cfg.insecure:
+        log.warning("INSECURE: no TLS and no client authentication; listening on loopback only (%s)",
+                    cfg.listen)
+    if warning:
+        log.warning("%s", warning)
+    try:
+        collector = make_collector(cfg.simulate_gpus, cfg.host, runtime_ref)
+    except NoDriverError as exc:
+        print(f"gpusoc-agent: {exc}", file=sys.stderr)
+        return 3
+    try:
+        asyncio.run(serve_forever(cfg, collector))
+    except OSError as exc:
+        print(f"gpusoc-agent: {exc}", file=sys.stderr)
+        return 4
+    except Exception as exc:
+        from agent.pki import PkiError
+
+        if isinstance(exc, PkiError):
+            print(f"gpusoc-agent: TLS setup failed: {exc}", file=sys.stderr)
+            return 2
+        raise
+    return 0

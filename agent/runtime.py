@@ -1,0 +1,159 @@
+"""The agent's tick loop: sample GPUs, gather training records, emit one frame per tick.
+
+NVML calls can jitter, so sampling runs in a worker thread and never delays the event
+loop that streams frames to consoles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from agent import __version__
+from agent.buffer import FrameBuffer
+from agent.collect.base import Collector
+from protos import serde
+from protos.types import (
+    METRIC_NAMES,
+    METRIC_SCHEMA,
+    SEVERITY_INFO,
+    Description,
+    Event,
+    Frame,
+    TrainRecord,
+)
+
+log = logging.getLogger("gpusoc.agent")
+
+CAPABILITIES = ["subscribe", "describe", "health", "gap_records", "training_sdk"]
+
+
+class TrainingSource:
+    """What the runtime needs from the SDK receiver (agent.training.TrainingReceiver)."""
+
+    dropped: int
+
+    def drain(self) -> list[TrainRecord]:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+@dataclass
+class AgentState:
+    """Counters a health check or the Describe RPC can report."""
+
+    started_ns: int = field(default_factory=time.time_ns)
+    ticks: int = 0
+    late_ticks: int = 0
+    sample_errors: int = 0
+
+
+class AgentRuntime:
+    """Owns the collector, the SDK receiver and the buffer; runs on one asyncio loop."""
+
+    def __init__(self, host: str, collector: Collector, buffer: FrameBuffer,
+                 sample_interval_s: float = 1.0, training: TrainingSource | None = None) -> None:
+        if not 0.1 <= sample_interval_s <= 60:
+            raise ValueError("sample_interval_s must be between 0.1 and 60")
+        self.host = host
+        self.collector = collector
+        self.buffer = buffer
+        self.interval = sample_interval_s
+        self.training = training
+        self.state = AgentState()
+        self._pending_events: list[Event] = [
+            Event(time.time_ns(), "agent_start", SEVERITY_INFO, -1, os.getpid(),
+                  f"gpusoc-agent {__version__} started on {host} (epoch {buffer.epoch[:8]})",
+                  {"version": __version__, "collector": collector.status})
+        ]
+        # GPU activity by local rank, for the simulator's load (GPU i ~ local rank i).
+        self._last_record_ns: dict[int, int] = {}
+        self._stop = asyncio.Event()
+
+    def describe(self) -> Description:
+        return Description(
+            host=self.host,
+            agent_version=__version__,
+            epoch=self.buffer.epoch,
+            simulated=self.collector.simulated,
+            gpus=self.collector.gpus(),
+            capabilities=[*CAPABILITIES, "nvml" if not self.collector.simulated else "simulated_gpus"],
+            metric_names=list(METRIC_NAMES),
+            metric_schema=METRIC_SCHEMA,
+            sample_interval_s=self.interval,
+            oldest_seq=self.buffer.oldest_seq,
+            newest_seq=self.buffer.newest_seq,
+            nvml_status=self.collector.status,
+        )
+
+    def add_event(self, event: Event) -> None:
+        """Queue an event for the next frame (used by other agent parts, e.g. integrity checks)."""
+        self._pending_events.append(event)
+
+    def gpu_activity(self) -> dict[int, float]:
+        """1.0 for GPUs whose local rank logged in the last 3 s; feeds the simulator's load."""
+        now = time.time_ns()
+        return {lr: 1.0 for lr, ts in self._last_record_ns.items() if now - ts < 3_000_000_000}
+
+    async def tick(self) -> Frame:
+        """Build, encode and buffer one frame."""
+        loop = asyncio.get_running_loop()
+        ts = time.time_ns()
+        gpu = await loop.run_in_executor(None, self.collector.sample)
+        records: list[TrainRecord] = []
+        dropped = 0
+        if self.training is not None:
+            records = self.training.drain()
+            dropped = self.training.dropped
+            for r in records:
+                if r.kind == "log":
+                    self._last_record_ns[r.local_rank] = r.ts_unix_ns
+        events, self._pending_events = self._pending_events, []
+        events.extend(gpu.events)
+        frame = Frame(
+            host=self.host,
+            epoch=self.buffer.epoch,
+            seq=self.buffer.next_seq,
+            ts_unix_ns=ts,
+            simulated=self.collector.simulated,
+            gpu_values=gpu.values,
+            gpu_index=gpu.gpu_index,
+            gpu_state=gpu.gpu_state,
+            processes=gpu.processes,
+            train=records,
+            events=events,
+            sdk_dropped=dropped,
+        )
+        await self.buffer.append(frame.seq, serde.encode_frame(frame))
+        self.state.ticks += 1
+        return frame
+
+    async def run(self) -> None:
+        """Tick on a fixed schedule (no drift) until stop(); a slow tick skips, never bunches."""
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                await self.tick()
+            except Exception:  # one bad tick must not end collection
+                self.state.sample_errors += 1
+                log.exception("tick failed")
+            next_at += self.interval
+            delay = next_at - time.monotonic()
+            if delay < 0:
+                self.state.late_ticks += 1
+                next_at = time.monotonic()
+                delay = 0
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def default_host() -> str:
+    return socket.gethostname()

@@ -1,0 +1,74 @@
+"""`gpusoc-agent watch`: a live text view of one agent's frames, for on-call at a shell."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import grpc
+
+from protos import serde
+from protos.types import GPU_STATE_NAMES, METRIC_INDEX, Frame, Gap, SubscribeRequest
+
+_COLS = ("gpu_util_pct", "mem_used_mib", "temp_c", "power_w", "sm_clock_mhz", "ecc_uncorrected")
+
+
+def open_channel(address: str, insecure: bool, ca: str | None, cert: str | None,
+                 key: str | None) -> grpc.aio.Channel:
+    """A channel to an agent: mTLS unless insecure was asked for."""
+    if insecure:
+        return grpc.aio.insecure_channel(address)
+    if not (ca and cert and key):
+        raise SystemExit("gpusoc-agent watch: mTLS needs --ca, --cert and --key (or --insecure)")
+    from agent.pki import channel_credentials
+
+    return grpc.aio.secure_channel(address, channel_credentials(ca, cert, key))
+
+
+def _fmt(v: float) -> str:
+    return "  n/a" if math.isnan(v) else f"{v:5.0f}"
+
+
+def render(frame: Frame) -> str:
+    """A few lines per frame, like `nvidia-smi dmon`, with the simulated label up front."""
+    label = "SIMULATED " if frame.simulated else ""
+    ts = time.strftime("%H:%M:%S", time.gmtime(frame.ts_unix_ns / 1e9))
+    lines = [f"{label}{frame.host} epoch {frame.epoch[:8]} seq {frame.seq} {ts}Z"
+             f"  records {len(frame.train)} events {len(frame.events)}"]
+    header = "  gpu state " + " ".join(f"{c[:10]:>10}" for c in _COLS)
+    lines.append(header)
+    for row, idx in enumerate(frame.gpu_index):
+        vals = " ".join(f"{_fmt(float(frame.gpu_values[row, METRIC_INDEX[c]])):>10}" for c in _COLS)
+        lines.append(f"  {idx:3d} {GPU_STATE_NAMES.get(frame.gpu_state[row], '?'):>5} {vals}")
+    for r in frame.train[-3:]:
+        lines.append(f"  train job={r.job_id} rank={r.rank} step={r.step} loss={r.loss:.4g} pid={r.pid}")
+    for e in frame.events:
+        lines.append(f"  event {e.kind}: {e.detail}")
+    return "\n".join(lines)
+
+
+async def watch(args: argparse.Namespace) -> int:
+    channel = open_channel(args.address, args.insecure, args.ca, args.cert, args.key)
+    call = channel.unary_stream(
+        serde.SUBSCRIBE_METHOD,
+        request_serializer=serde.encode_subscribe_request,
+        response_deserializer=serde.decode_stream_item,
+    )
+    n = 0
+    try:
+        async for item in call(SubscribeRequest(from_now=True)):
+            if isinstance(item, Gap):
+                print(f"GAP epoch {item.epoch[:8]} seq {item.first_seq}..{item.last_seq or '?'} ({item.reason})")
+                continue
+            print(render(item), flush=True)
+            n += 1
+            if args.count and n >= args.count:
+                break
+    except grpc.aio.AioRpcError as exc:
+        print(f"gpusoc-agent watch: {args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    finally:
+        await channel.close(None)
+    return 0
