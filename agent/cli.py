@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_pki(sub)
     _add_watch(sub)
+    from agent.fleetsim import add_arguments
+
+    add_arguments(sub.add_parser("fleet-sim", help="serve many simulated agents (load tests, demos)"))
     return parser
 
 
@@ -88,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(paths)
         return 0
+    if args.cmd == "fleet-sim":
+        from agent.fleetsim import run_fleet
+
+        return run_fleet(args)
     if args.cmd == "watch":
         from agent.watch import watch
 

@@ -10,6 +10,7 @@ import sys
 
 from agent.buffer import FrameBuffer
 from agent.collect.base import Collector, NoDriverError
+from agent.config import AgentConfig
 from agent.runtime import AgentRuntime
 
 log = logging.getLogger("gpusoc.agent")
@@ -31,25 +32,24 @@ def make_collector(simulate_gpus: int, host: str, runtime_ref: list[AgentRuntime
     return collector
 
 
-async def serve_forever(cfg: object, collector: Collector) -> None:
+async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     """Run the tick loop and the gRPC server until SIGINT/SIGTERM."""
     from agent.pki import server_credentials
     from agent.serve import start_server
     from agent.training import TrainingReceiver
 
-    c = cfg  # AgentConfig
-    interval = float(c.sample_interval_s)  # type: ignore[attr-defined]
-    max_frames = max(60, math.ceil(float(c.buffer_seconds) / interval))  # type: ignore[attr-defined]
-    buffer = FrameBuffer(max_frames=max_frames, max_bytes=int(c.buffer_max_bytes))  # type: ignore[attr-defined]
-    receiver = TrainingReceiver(c.training_socket or None)  # type: ignore[attr-defined]
-    runtime = AgentRuntime(c.host, collector, buffer, interval, training=receiver)  # type: ignore[attr-defined]
+    interval = float(c.sample_interval_s)
+    max_frames = max(60, math.ceil(float(c.buffer_seconds) / interval))
+    buffer = FrameBuffer(max_frames=max_frames, max_bytes=int(c.buffer_max_bytes))
+    receiver = TrainingReceiver(c.training_socket or None)
+    runtime = AgentRuntime(c.host, collector, buffer, interval, training=receiver)
     runtime_ref.append(runtime)
     creds = None
-    if not c.insecure:  # type: ignore[attr-defined]
-        creds = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)  # type: ignore[attr-defined]
-    server, port = await start_server(runtime, c.listen, creds)  # type: ignore[attr-defined]
+    if not c.insecure:
+        creds = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
+    server, port = await start_server(runtime, c.listen, creds)
     log.info("serving %s on %s (port %d), %s, training socket %s, epoch %s",
-             c.host, c.listen, port, "INSECURE plaintext" if creds is None else "mTLS",  # type: ignore[attr-defined]
+             c.host, c.listen, port, "INSECURE plaintext" if creds is None else "mTLS",
              receiver.socket_path, buffer.epoch)
     loop = asyncio.get_running_loop()
     from agent.cli import install_signal_handlers

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from agent import __version__
 from agent.buffer import FrameBuffer
@@ -32,13 +33,13 @@ log = logging.getLogger("gpusoc.agent")
 CAPABILITIES = ["subscribe", "describe", "health", "gap_records", "training_sdk"]
 
 
-class TrainingSource:
+class TrainingSource(Protocol):
     """What the runtime needs from the SDK receiver (agent.training.TrainingReceiver)."""
 
-    dropped: int
+    @property
+    def dropped(self) -> int: ...
 
-    def drain(self) -> list[TrainRecord]:  # pragma: no cover - protocol
-        raise NotImplementedError
+    def drain(self) -> list[TrainRecord]: ...
 
 
 @dataclass
@@ -100,9 +101,11 @@ class AgentRuntime:
 
     async def tick(self) -> Frame:
         """Build, encode and buffer one frame."""
-        loop = asyncio.get_running_loop()
         ts = time.time_ns()
-        gpu = await loop.run_in_executor(None, self.collector.sample)
+        if self.collector.simulated:  # numpy only: cheaper inline than a thread hop
+            gpu = self.collector.sample()
+        else:
+            gpu = await asyncio.get_running_loop().run_in_executor(None, self.collector.sample)
         records: list[TrainRecord] = []
         dropped = 0
         if self.training is not None:
@@ -131,9 +134,11 @@ class AgentRuntime:
         self.state.ticks += 1
         return frame
 
-    async def run(self) -> None:
+    async def run(self, phase_s: float = 0.0) -> None:
         """Tick on a fixed schedule (no drift) until stop(); a slow tick skips, never bunches."""
-        next_at = time.monotonic()
+        next_at = time.monotonic() + phase_s
+        if phase_s:
+            await asyncio.sleep(phase_s)
         while not self._stop.is_set():
             try:
                 await self.tick()

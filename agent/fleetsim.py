@@ -1,0 +1,256 @@
+"""`gpusoc-agent fleet-sim`: many simulated agents from a few processes, for load and demos.
+
+Every simulated host is a real AgentRuntime behind its own gRPC server, port and (in
+secure mode) its own certificate, so consoles exercise exactly the production path. The
+training records come from synthetic multi-host jobs generated in-process instead of the
+SDK socket; every frame is labelled simulated on the wire.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import multiprocessing as mp
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.buffer import FrameBuffer
+from agent.collect.simulated import SimulatedCollector
+from agent.runtime import AgentRuntime
+from protos.types import TrainRecord
+
+log = logging.getLogger("gpusoc.fleetsim")
+
+NAN = math.nan
+
+
+@dataclass
+class SimJob:
+    """A synchronous data-parallel job over consecutive hosts, one rank per GPU."""
+
+    job_id: str
+    hosts: list[int]
+    gpus_per_host: int
+    start_ns: int
+    step_s: float = 1.0
+    tokens_per_step: float = 8 * 4096.0
+
+    @property
+    def world_size(self) -> int:
+        return len(self.hosts) * self.gpus_per_host
+
+
+@dataclass
+class SimFaults:
+    """Faults a demo or scenario applies to one simulated host."""
+
+    straggle_factor: float = 1.0  # >1: this host's ranks step slower
+    nan_at_step: int = -1  # the loss turns NaN from this step on
+    frozen: bool = False  # steps stop (a hang) while processes live
+
+
+@dataclass
+class SyntheticTraining:
+    """TrainingSource for one simulated host: records for the ranks of its jobs."""
+
+    host_index: int
+    jobs: list[SimJob]
+    faults: SimFaults = field(default_factory=SimFaults)
+    dropped: int = 0
+    _last_step: dict[tuple[str, int], int] = field(default_factory=dict)
+    _registered: bool = False
+
+    def drain(self) -> list[TrainRecord]:
+        now = time.time_ns()
+        out: list[TrainRecord] = []
+        for job in self.jobs:
+            if self.host_index not in job.hosts:
+                continue
+            slot = job.hosts.index(self.host_index)
+            for local in range(job.gpus_per_host):
+                rank = slot * job.gpus_per_host + local
+                pid = 10_000 + self.host_index * 64 + local
+                if not self._registered:
+                    out.append(TrainRecord(now, job.job_id, rank, local, job.world_size, pid, 1000, 0, kind="init",
+                                           info={"launcher": "simulated", "argv": "train.py --simulated"}))
+                if self.faults.frozen:
+                    continue
+                step_s = job.step_s * self.faults.straggle_factor
+                step = int((now - job.start_ns) / 1e9 / step_s)
+                key = (job.job_id, rank)
+                last = self._last_step.get(key, step - 1)
+                for s in range(max(last + 1, step - 5), step + 1):  # at most a few per tick
+                    loss = 2.2 + 8.0 / math.sqrt(1.0 + s / 20.0) + random.gauss(0, 0.03)
+                    if 0 <= self.faults.nan_at_step <= s:
+                        loss = NAN
+                    out.append(TrainRecord(
+                        now, job.job_id, rank, local, job.world_size, pid, 1000, s,
+                        loss=loss, grad_norm=abs(random.gauss(1.0, 0.1)), lr=3e-4,
+                        tokens=job.tokens_per_step, extra={"step_time_s": step_s * random.uniform(0.97, 1.03)},
+                    ))
+                self._last_step[key] = max(last, step)
+        self._registered = True
+        return out
+
+
+def host_name(i: int) -> str:
+    return f"sim-{i:04d}"
+
+
+def plan_jobs(n_hosts: int, gpus: int, start_ns: int) -> list[SimJob]:
+    """Two multi-host jobs over the first half and the next quarter of the fleet; the rest idle."""
+    half = max(1, n_hosts // 2)
+    quarter = max(1, n_hosts // 4)
+    jobs = [SimJob("llm-pretrain-a", list(range(half)), gpus, start_ns, step_s=1.0)]
+    if n_hosts > half:
+        jobs.append(SimJob("finetune-b", list(range(half, min(n_hosts, half + quarter))), gpus, start_ns, step_s=0.5))
+    return jobs
+
+
+async def _serve_slice(indices: list[int], args: argparse.Namespace, start_ns: int,
+                       ready: mp.synchronize.Event | None) -> None:
+    from agent.pki import server_credentials
+    from agent.serve import start_server
+
+    jobs = plan_jobs(args.hosts, args.gpus, start_ns)
+    max_frames = max(60, int(args.buffer_seconds / args.interval))
+    runtimes: list[AgentRuntime] = []
+    servers = []
+    for i in indices:
+        name = host_name(i)
+        ref: list[AgentRuntime] = []
+        collector = SimulatedCollector(args.gpus, host=name,
+                                       load_source=lambda r=ref: r[0].gpu_activity() if r else {})  # type: ignore[misc]
+        faults = SimFaults()
+        if args.faults and i == 1 and args.hosts > 4:
+            faults.straggle_factor = 1.6
+        rt = AgentRuntime(name, collector, FrameBuffer(max_frames=max_frames), args.interval,
+                          training=SyntheticTraining(i, jobs, faults))
+        ref.append(rt)
+        creds = None
+        if not args.insecure:
+            pki = Path(args.pki)
+            creds = server_credentials(pki / "agents" / f"{name}.pem", pki / "agents" / f"{name}.key",
+                                       pki / "console-ca.pem")
+        server, _ = await start_server(rt, f"127.0.0.1:{args.base_port + i}", creds)
+        servers.append(server)
+        runtimes.append(rt)
+    tasks = [asyncio.create_task(rt.run(phase_s=random.uniform(0, args.interval))) for rt in runtimes]
+    if args.faults:
+        tasks.append(asyncio.create_task(_inject_faults(runtimes, args)))
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for rt in runtimes:
+        rt.stop()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*(s.stop(0.5) for s in servers))
+
+
+async def _inject_faults(runtimes: list[AgentRuntime], args: argparse.Namespace) -> None:
+    """Now and then: an XID, a hot GPU, a lost GPU, a NaN loss (labelled simulated like all else)."""
+    rng = random.Random(args.seed)
+    while True:
+        await asyncio.sleep(rng.uniform(20, 40))
+        rt = rng.choice(runtimes)
+        col = rt.collector
+        if not isinstance(col, SimulatedCollector):
+            continue
+        kind = rng.choice(["xid", "heat", "lost", "nan"])
+        gpu = rng.randrange(col.n_gpus)
+        log.info("fault: %s on %s GPU %d", kind, rt.host, gpu)
+        if kind == "xid":
+            col.inject_xid(gpu, rng.choice([48, 63, 74, 79, 94]))
+        elif kind == "heat":
+            col.heat(gpu, 40.0)
+        elif kind == "lost":
+            col.lose_gpu(gpu)
+        elif isinstance(rt.training, SyntheticTraining):
+            rt.training.faults.nan_at_step = 0
+
+
+def _run_slice(indices: list[int], args: argparse.Namespace, start_ns: int, ready: mp.synchronize.Event) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s fleetsim[%(process)d] %(message)s")
+    random.seed((args.seed or 0) + indices[0])
+    try:
+        asyncio.run(_serve_slice(indices, args, start_ns, ready))
+    except KeyboardInterrupt:
+        pass
+
+
+def write_inventory(path: Path, args: argparse.Namespace) -> None:
+    lines = [f"127.0.0.1:{args.base_port + i} {host_name(i)}" for i in range(args.hosts)]
+    path.write_text("# simulated fleet (gpusoc-agent fleet-sim)\n" + "\n".join(lines) + "\n")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hosts", type=int, default=32, help="simulated hosts")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs per host")
+    p.add_argument("--base-port", type=int, default=17000, help="host i listens on 127.0.0.1:BASE+i")
+    p.add_argument("--processes", type=int, default=max(1, min(4, (os.cpu_count() or 2))),
+                   help="processes to spread hosts over")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    p.add_argument("--buffer-seconds", type=float, default=300.0, help="history each agent holds")
+    p.add_argument("--pki", help="PKI dir (gpusoc-agent pki init); certs for sim-NNNN are created if missing")
+    p.add_argument("--insecure", action="store_true", help="plaintext on loopback (no --pki needed)")
+    p.add_argument("--inventory", help="write the fleet's inventory file here for gpusoc-console")
+    p.add_argument("--faults", action="store_true", help="inject faults now and then (XID, heat, lost GPU, NaN)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_fleet(args: argparse.Namespace, ready_timeout: float = 120.0) -> int:
+    """Start the slices, wait for them to listen, then wait for a signal."""
+    if not args.insecure:
+        if not args.pki:
+            raise SystemExit("gpusoc-agent fleet-sim: give --pki DIR (mTLS) or --insecure")
+        from agent.pki import create_dev_pki
+
+        pki = Path(args.pki)
+        missing = [host_name(i) for i in range(args.hosts) if not (pki / "agents" / f"{host_name(i)}.pem").exists()]
+        create_dev_pki(pki, agents=missing, consoles=[] if (pki / "consoles").exists() else ["console"])
+    if args.inventory:
+        write_inventory(Path(args.inventory), args)
+    start_ns = time.time_ns()
+    n = max(1, min(args.processes, args.hosts))
+    slices = [list(range(args.hosts))[k::n] for k in range(n)]
+    ctx = mp.get_context("spawn")
+    procs = []
+    for sl in slices:
+        ready = ctx.Event()
+        p = ctx.Process(target=_run_slice, args=(sl, args, start_ns, ready), daemon=True)
+        p.start()
+        procs.append((p, ready))
+    for _p, ready in procs:
+        if not ready.wait(ready_timeout):
+            log.error("a fleet-sim process did not start in %.0f s", ready_timeout)
+            for q, _ in procs:
+                q.terminate()
+            return 1
+    log.info("fleet-sim: %d hosts x %d GPUs on 127.0.0.1:%d..%d in %d processes (%s)", args.hosts, args.gpus,
+             args.base_port, args.base_port + args.hosts - 1, n, "INSECURE" if args.insecure else "mTLS")
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    while not stop and all(p.is_alive() for p, _ in procs):
+        time.sleep(0.5)
+    for p, _ in procs:
+        if p.is_alive():
+            p.terminate()
+    for p, _ in procs:
+        p.join(10)
+    return 0

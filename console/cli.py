@@ -1,0 +1,135 @@
+"""`gpusoc-console`: the desktop console, and its headless commands (collect, export, query).
+
+Subcommand-free invocation opens the window; `--demo` starts a local simulated fleet first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from console import __version__
+
+log = logging.getLogger("gpusoc.console")
+
+DEFAULT_TLS_DIR = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "gpusoc" / "tls"
+
+
+def _add_tls(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mTLS (default: $GPUSOC_CONSOLE_TLS_* or ~/.config/gpusoc/tls/)")
+    env = os.environ.get
+    g.add_argument("--tls-ca", default=env("GPUSOC_CONSOLE_TLS_CA", str(DEFAULT_TLS_DIR / "agent-ca.pem")),
+                   help="CA that agent certificates chain to")
+    g.add_argument("--tls-cert", default=env("GPUSOC_CONSOLE_TLS_CERT", str(DEFAULT_TLS_DIR / "console.pem")),
+                   help="this console's client certificate")
+    g.add_argument("--tls-key", default=env("GPUSOC_CONSOLE_TLS_KEY", str(DEFAULT_TLS_DIR / "console.key")),
+                   help="this console's private key")
+    g.add_argument("--insecure", action="store_true",
+                   help="plaintext to agents on loopback addresses only (agents started with --insecure); warns")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpusoc-console",
+        description="gpusoc operator console. Without a command it opens the desktop window.",
+    )
+    p.add_argument("--version", action="version", version=f"gpusoc-console {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--agents", nargs="+", metavar="FILE|HOST:PORT",
+                   help="inventory file (re-read on change) or agent addresses")
+    p.add_argument("--db", help="DuckDB file to store into (default: ./gpusoc.duckdb, or a temp dir with --demo)")
+    p.add_argument("--demo", action="store_true",
+                   help="start a local simulated fleet (mTLS, 32 hosts x 8 GPUs, two jobs, faults) and open it")
+    p.add_argument("--demo-hosts", type=int, default=32, help="hosts in the demo fleet")
+    p.add_argument("--open", metavar="FILE", help="open an exported audit file read-only and replay it")
+    _add_tls(p)
+    sub = p.add_subparsers(dest="cmd")
+
+    c = sub.add_parser("collect", help="headless: subscribe to the fleet and store into DuckDB until stopped")
+    c.add_argument("--agents", nargs="+", required=True, metavar="FILE|HOST:PORT",
+                   help="inventory file (one 'HOST:PORT [NAME]' per line, re-read on change) or addresses")
+    c.add_argument("--db", required=True, help="DuckDB file")
+    c.add_argument("--raw-retention", type=float, default=None, metavar="SECONDS",
+                   help="keep raw GPU samples this long, then roll them up to 1-minute min/mean/max")
+    c.add_argument("--status-every", type=float, default=10.0, metavar="SECONDS", help="status line period")
+    _add_tls(c)
+
+    e = sub.add_parser("export", help="write a standalone DuckDB file for auditors")
+    e.add_argument("--db", required=True)
+    e.add_argument("--out", required=True)
+
+    q = sub.add_parser("query", help="run SQL against a store (read-only) and print the result")
+    q.add_argument("--db", required=True)
+    q.add_argument("sql")
+    q.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    return p
+
+
+def tls_from_args(args: argparse.Namespace, addresses: list[str]) -> object | None:
+    """ConsoleTls, or None with --insecure (then only loopback agents are allowed)."""
+    from console.ingest.tls import ConsoleTls
+
+    if args.insecure:
+        import ipaddress
+
+        from console.ingest.inventory import parse_address
+
+        for a in addresses:
+            host, _ = parse_address(a)
+            try:
+                loop = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loop = host == "localhost"
+            if not loop:
+                raise SystemExit(f"gpusoc-console: --insecure only talks to loopback agents; {a} is not one")
+        log.warning("INSECURE: plaintext gRPC without mutual TLS (loopback agents only)")
+        return None
+    for path in (args.tls_ca, args.tls_cert, args.tls_key):
+        if not Path(path).is_file():
+            raise SystemExit(
+                f"gpusoc-console: mTLS file {path} not found. Give --tls-ca/--tls-cert/--tls-key "
+                "(see docs/pki.md: gpusoc-agent pki init), or --insecure for loopback test agents."
+            )
+    return ConsoleTls(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.cmd == "collect":
+        from console.collect import run_collect
+
+        return run_collect(args)
+    if args.cmd == "export":
+        from console.store.export import export_db
+
+        try:
+            info = export_db(args.db, args.out)
+        except Exception as exc:
+            print(f"gpusoc-console export: {exc}", file=sys.stderr)
+            return 1
+        print(info)
+        return 0
+    if args.cmd == "query":
+        from console.store.query import QueryError, format_json, format_table, run_query
+
+        try:
+            cols, rows = run_query(args.db, args.sql)
+        except QueryError as exc:
+            print(f"gpusoc-console query: {exc}", file=sys.stderr)
+            return 1
+        print(format_json(cols, rows) if args.json else format_table(cols, rows))
+        return 0
+    from console.app import run_desktop
+
+    return run_desktop(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

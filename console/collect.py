@@ -1,0 +1,77 @@
+"""`gpusoc-console collect`: the headless data path (servers, CI, audits).
+
+Subscribes to every agent, stores into DuckDB through the single writer thread, prints a
+status line now and then, and on SIGINT/SIGTERM commits what it holds before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections import Counter
+
+from console.ingest.fleet import AgentSource, FleetIngest
+from console.ingest.inventory import InventoryError
+
+log = logging.getLogger("gpusoc.console.collect")
+
+
+def status_line(fleet: FleetIngest, writer: object, started: float) -> str:
+    states = Counter(s.state for s in fleet.statuses())
+    frames = sum(c.stats.frames for c in fleet.clients.values())
+    rejected = sum(c.stats.rejected for c in fleet.clients.values())
+    stats = getattr(writer, "stats", {})
+    elapsed = max(time.monotonic() - started, 1e-9)
+    return (
+        f"agents {len(fleet.clients)} ({', '.join(f'{k} {v}' for k, v in sorted(states.items())) or '-'})"
+        f" | frames {frames} ({frames / elapsed:.0f}/s) rejected {rejected}"
+        f" | store {getattr(writer, 'status', '?')} committed {stats.get('frames_committed', '?')}"
+    )
+
+
+async def collect(fleet: FleetIngest, writer: object, status_every: float) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, fleet.stop)
+    started = time.monotonic()
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(status_every)
+            log.info("%s", status_line(fleet, writer, started))
+
+    reporter = asyncio.create_task(report())
+    try:
+        await fleet.run()
+    finally:
+        reporter.cancel()
+        log.info("%s", status_line(fleet, writer, started))
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    from console.cli import tls_from_args
+    from console.store.writer import StoreWriter
+
+    try:
+        source = AgentSource(args.agents)
+        entries, _ = source.entries()
+    except InventoryError as exc:
+        print(f"gpusoc-console collect: {exc}", file=sys.stderr)
+        return 2
+    tls = tls_from_args(args, [e.address for e in entries])
+    writer = StoreWriter(args.db, raw_retention_s=args.raw_retention)
+    writer.start()
+    fleet = FleetIngest(source, writer, tls)  # type: ignore[arg-type]
+    log.info("collecting from %d agents into %s (%s)", len(entries), args.db, "INSECURE" if tls is None else "mTLS")
+    try:
+        asyncio.run(collect(fleet, writer, args.status_every))
+    finally:
+        ok = writer.flush(timeout=30)
+        writer.stop()
+        if not ok:
+            log.error("could not commit everything before exit; agents still hold the rest")
+    return 0

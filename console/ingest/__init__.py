@@ -1,0 +1,1 @@
+"""Subscribers: one asyncio gRPC client per agent, feeding the store writer and any live sinks."""
