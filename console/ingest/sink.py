@@ -44,3 +44,26 @@ class IngestSink(Protocol):
     def on_gap(self, host: str, gap: Gap) -> None: ...
 
     def on_status(self, status: HostStatus) -> None: ...
+
+
+class FanoutSink:
+    """Hands every callback to several sinks in order (e.g. detection, then the GUI bridge)."""
+
+    def __init__(self, *sinks: IngestSink) -> None:
+        self.sinks = list(sinks)
+
+    def on_description(self, address: str, desc: Description) -> None:
+        for s in self.sinks:
+            s.on_description(address, desc)
+
+    def on_frame(self, frame: Frame) -> None:
+        for s in self.sinks:
+            s.on_frame(frame)
+
+    def on_gap(self, host: str, gap: Gap) -> None:
+        for s in self.sinks:
+            s.on_gap(host, gap)
+
+    def on_status(self, status: HostStatus) -> None:
+        for s in self.sinks:
+            s.on_status(status)

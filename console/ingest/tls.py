@@ -8,6 +8,7 @@ and reads the agent's certificate common name. Frames must then carry that host 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,22 +67,20 @@ class ConsoleTls:
         ctx.set_alpn_protocols(["h2"])
         return ctx
 
-    async def peer_identity(self, address: str, timeout: float = 5.0) -> str:
-        """Handshake with the agent (verifying chain and address) and return its certificate CN."""
+    def _fetch_identity(self, address: str, timeout: float) -> str:
         host, port = parse_address(address)
         ctx = self.ssl_context()
-        _reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ctx, server_hostname=host), timeout
-        )
-        try:
-            sslobj = writer.get_extra_info("ssl_object")
-            der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-            if not der:
-                raise ssl.SSLError("agent presented no certificate")
-            return certificate_identity(der)
-        finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (OSError, ssl.SSLError):
-                pass
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as tls_sock:
+            der = tls_sock.getpeercert(binary_form=True)
+        if not der:
+            raise ssl.SSLError("agent presented no certificate")
+        return certificate_identity(der)
+
+    async def peer_identity(self, address: str, timeout: float = 5.0) -> str:
+        """Handshake with the agent (verifying chain and address) and return its certificate CN.
+
+        A blocking handshake on a worker thread: asyncio's TLS transport stalled here when the
+        agent's gRPC server shared the event loop (tests, the fleet simulator).
+        """
+        return await asyncio.to_thread(self._fetch_identity, address, timeout)
