@@ -1,4 +1,4 @@
-"""`gpusoc-agent`: run the agent, make a development PKI, watch an agent's stream."""
+"""`gpusoc-agent`: run the agent, make a development PKI, watch an agent's stream, sign checkpoints."""
 
 from __future__ import annotations
 
@@ -41,6 +41,41 @@ def _add_pki(sub: argparse._SubParsersAction) -> None:
                       help="console name to issue a client certificate for (repeatable)")
     init.add_argument("--days", type=int, default=30, help="validity of new certificates")
     init.add_argument("--overwrite", action="store_true", help="replace existing files")
+    op = psub.add_parser(
+        "operator",
+        help="issue an operator signing identity (Ed25519, role in the certificate) from the operator CA",
+    )
+    op.add_argument("--out", required=True, help="PKI directory (operator-ca.pem/.key created there if missing)")
+    op.add_argument("--name", required=True, help="operator name (certificate CN)")
+    op.add_argument("--role", required=True, choices=["viewer", "responder", "admin"], help="operator role")
+    op.add_argument("--days", type=int, default=1, help="validity (default 1 day: operator certs are short-lived)")
+    op.add_argument("--overwrite", action="store_true", help="reissue an existing operator")
+
+
+def _add_checkpoint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("checkpoint", help="sign or verify a checkpoint directory (docs/response.md)")
+    csub = p.add_subparsers(dest="ckpt_cmd", required=True)
+    sign = csub.add_parser("sign", help="write gpusoc-manifest.json + gpusoc-manifest.sig into DIR")
+    sign.add_argument("dir", help="checkpoint directory")
+    sign.add_argument("--key", required=True, help="Ed25519 private key (PEM): an operator or pipeline signer key")
+    sign.add_argument("--job", required=True)
+    sign.add_argument("--run", required=True)
+    sign.add_argument("--step", type=int, required=True)
+    sign.add_argument("--world-size", type=int, required=True)
+    verify = csub.add_parser("verify", help="verify DIR strictly against pinned keys; exit 1 when it fails")
+    verify.add_argument("dir", help="checkpoint directory")
+    verify.add_argument(
+        "--trust",
+        action="extend",
+        nargs="+",
+        required=True,
+        metavar="PEM",
+        help="trusted Ed25519 public key(s) or certificate(s); repeatable",
+    )
+    verify.add_argument("--job", help="require this job")
+    verify.add_argument("--run", help="require this run")
+    verify.add_argument("--world-size", type=int, help="require this world size")
+    verify.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _add_watch(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_pki(sub)
     _add_watch(sub)
+    _add_checkpoint(sub)
     from agent.fleetsim import add_arguments
 
     add_arguments(sub.add_parser("fleet-sim", help="serve many simulated agents (load tests, demos)"))
@@ -80,6 +116,18 @@ def main(argv: list[str] | None = None) -> int:
         from agent.main import run_agent_cli
 
         return run_agent_cli(args)
+    if args.cmd == "pki" and args.pki_cmd == "operator":
+        from agent.pki import PkiError, create_operator
+
+        try:
+            op = create_operator(Path(args.out), args.name, args.role, days=args.days, overwrite=args.overwrite)
+        except (PkiError, FileExistsError) as exc:
+            print(f"gpusoc-agent pki operator: {exc}", file=sys.stderr)
+            return 2
+        print(op)
+        return 0
+    if args.cmd == "checkpoint":
+        return _checkpoint(args)
     if args.cmd == "pki":
         from agent.pki import PkiError, create_dev_pki
 
@@ -103,6 +151,52 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 0
     return 2
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    """`checkpoint sign|verify`: 0 ok, 1 verification failed, 2 usage or I/O error."""
+    import json
+
+    from agent.act.checkpoints import CheckpointError, load_trusted_keys, sign_checkpoint, verify_checkpoint
+
+    if args.ckpt_cmd == "sign":
+        try:
+            digest = sign_checkpoint(args.dir, args.key, args.job, args.run, args.step, args.world_size)
+        except (CheckpointError, OSError) as exc:
+            print(f"gpusoc-agent checkpoint sign: {exc}", file=sys.stderr)
+            return 2
+        print(digest)
+        return 0
+    try:
+        trusted = load_trusted_keys(args.trust)
+    except (CheckpointError, ValueError) as exc:
+        print(f"gpusoc-agent checkpoint verify: {exc}", file=sys.stderr)
+        return 2
+    try:
+        m = verify_checkpoint(
+            args.dir, trusted, expect_job=args.job, expect_run=args.run, expect_world_size=args.world_size
+        )
+    except CheckpointError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "code": exc.code, "reason": str(exc)}))
+        else:
+            print(f"FAILED ({exc.code}): {exc}", file=sys.stderr)
+        return 1
+    result = {
+        "ok": True,
+        "digest": m.digest,
+        "job": m.job,
+        "run": m.run,
+        "step": m.step,
+        "world_size": m.world_size,
+        "files": len(m.files),
+        "signer_key_id": m.signer_key_id,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"OK {m.digest} job={m.job} run={m.run} step={m.step} world_size={m.world_size} files={len(m.files)}")
+    return 0
 
 
 def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:

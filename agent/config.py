@@ -69,6 +69,15 @@ class AgentConfig:
     buffer_max_bytes: int = 64 * MIB
     state_dir: str = "/var/lib/gpusoc"
     log_level: str = "info"  # debug | info | warning | error
+    # Response (docs/response.md): signed control commands and signed-checkpoint rollback.
+    operator_ca: str = "/etc/gpusoc/tls/operator-ca.pem"  # operator signatures must chain here; absent = no commands
+    checkpoint_root: str = ""  # checkpoints of job J live in <checkpoint_root>/J/<name>/; "" = SDK-registered only
+    trusted_checkpoint_keys: str = ""  # comma-separated Ed25519 public key/cert PEM files (+ state_dir ones)
+    freeze_signers: int = 1  # distinct operators a freeze needs
+    resume_signers: int = 2  # ... a resume
+    rollback_signers: int = 2  # ... a rollback (break-glass: two admins, always)
+    rollback_max_steps_back: int = 0  # > 0: floor = newest signed step - this; 0 = only the persisted floor
+    metrics_listen: str = ""  # Prometheus /metrics with dcgm-exporter names, e.g. "0.0.0.0:9400"; "" = off
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AgentConfig))
@@ -204,6 +213,10 @@ def _any(v: Any) -> Any:
     return v
 
 
+def _metrics_listen(v: str) -> str:
+    return v if v == "" else _listen(v)
+
+
 _CHECKS: dict[str, _Checker] = {
     "host": _host,
     "listen": _listen,
@@ -218,6 +231,14 @@ _CHECKS: dict[str, _Checker] = {
     "buffer_max_bytes": _range(MIB, None, " (1 MiB)"),
     "state_dir": _non_empty,
     "log_level": _log_level,
+    "operator_ca": _any,
+    "checkpoint_root": _any,
+    "trusted_checkpoint_keys": _any,
+    "freeze_signers": _range(1, 8),
+    "resume_signers": _range(1, 8),
+    "rollback_signers": _range(1, 8),
+    "rollback_max_steps_back": _range(0, None),
+    "metrics_listen": _metrics_listen,
 }
 _TYPES: dict[str, type] = typing.get_type_hints(AgentConfig)
 

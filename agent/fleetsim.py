@@ -218,8 +218,6 @@ def run_fleet(args: argparse.Namespace, ready_timeout: float = 120.0) -> int:
         pki = Path(args.pki)
         missing = [host_name(i) for i in range(args.hosts) if not (pki / "agents" / f"{host_name(i)}.pem").exists()]
         create_dev_pki(pki, agents=missing, consoles=[] if (pki / "consoles").exists() else ["console"])
-    if args.inventory:
-        write_inventory(Path(args.inventory), args)
     start_ns = time.time_ns()
     n = max(1, min(args.processes, args.hosts))
     slices = [list(range(args.hosts))[k::n] for k in range(n)]
@@ -236,6 +234,10 @@ def run_fleet(args: argparse.Namespace, ready_timeout: float = 120.0) -> int:
             for q, _ in procs:
                 q.terminate()
             return 1
+    if args.inventory:  # written once every host listens, so a console finds them all up
+        tmp = Path(args.inventory + ".tmp")
+        write_inventory(tmp, args)
+        tmp.replace(args.inventory)
     log.info("fleet-sim: %d hosts x %d GPUs on 127.0.0.1:%d..%d in %d processes (%s)", args.hosts, args.gpus,
              args.base_port, args.base_port + args.hosts - 1, n, "INSECURE" if args.insecure else "mTLS")
     stop = False

@@ -41,14 +41,18 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     interval = float(c.sample_interval_s)
     max_frames = max(60, math.ceil(float(c.buffer_seconds) / interval))
     buffer = FrameBuffer(max_frames=max_frames, max_bytes=int(c.buffer_max_bytes))
-    # Poll every 5 ms while a loop logs, back to a blocking wait after 20 ms idle: about 1% of a core at 10 Hz (docs/benchmarks.md).
+    # Poll every 5 ms while a loop logs, back to a blocking wait after 20 ms idle:
+    # about 1% of a core with a loop logging at 10 Hz (docs/benchmarks.md).
     receiver = TrainingReceiver(c.training_socket or None, poll_interval_s=0.005, idle_after_s=0.02)
     runtime = AgentRuntime(c.host, collector, buffer, interval, training=receiver)
     runtime_ref.append(runtime)
     creds = None
     if not c.insecure:
         creds = load_server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
-    server, port = await start_server(runtime, c.listen, creds)
+    from agent.act.controller import controller_from_config
+
+    control = controller_from_config(c, receiver.jobs, runtime.add_event)  # None without an operator CA
+    server, port = await start_server(runtime, c.listen, creds, control)
     log.info("serving %s on %s (port %d), %s, training socket %s, epoch %s",
              c.host, c.listen, port, "INSECURE plaintext" if creds is None else "mTLS",
              receiver.socket_path, buffer.epoch)

@@ -10,11 +10,20 @@ Two separate CAs from the start, so a stolen agent certificate can never act as 
       consoles/<name>.pem <name>.key   console client cert: CN=<name>, EKU clientAuth
 
 Keys are ECDSA P-256 (PKCS#8 PEM, unencrypted, mode 0600). See docs/pki.md.
+
+A third CA signs operator identities for signed control commands (`create_operator`):
+
+      operator-ca.pem operator-ca.key  CA that signs operator signing certificates
+      operators/<name>.pem <name>.key  Ed25519 signing key; subject OU = role (viewer|responder|admin)
+
+Operator certificates never serve or dial TLS; agents check them inside signed commands
+(`verify_operator_certificate`). See docs/response.md.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import re
@@ -29,20 +38,28 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
     "CA_MIN_DAYS",
+    "OPERATOR_ROLES",
     "LeafPaths",
+    "OperatorIdentity",
+    "OperatorPaths",
     "PkiError",
     "PkiPaths",
     "cert_dns_names",
     "cert_identity",
     "channel_credentials",
     "create_dev_pki",
+    "create_operator",
+    "load_operator_cas",
+    "load_operator_key",
     "server_credentials",
     "verify_issued_by",
+    "verify_operator_certificate",
 ]
 
 #: A CA created by `create_dev_pki` lives at least this long, so names added later still chain to it.
@@ -54,7 +71,7 @@ _AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
 _CONSOLE_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._@-]*[A-Za-z0-9])?$")
 _MAX_CN = 64  # X.509 upper bound for commonName
 
-Role = Literal["agent", "console"]
+Role = Literal["agent", "console", "operator"]
 PathArg = str | os.PathLike[str]
 
 
@@ -203,7 +220,7 @@ def _check_names(role: Role, names: Iterable[str]) -> list[str]:
             raise PkiError(
                 f"invalid {role} name {name!r}: use 1-{_MAX_CN} characters "
                 "from letters, digits, '.', '-', '_'"
-                + (", '@'" if role == "console" else " (or an IP address)")
+                + (", '@'" if role != "agent" else " (or an IP address)")
             )
         if name in out:
             raise PkiError(f"{role} name {name!r} given twice")
@@ -525,4 +542,240 @@ def _parse_key(pem: bytes, path: Path) -> PrivateKeyTypes:
 def _spki(public_key: PublicKeyTypes) -> bytes:
     return public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+# --------------------------------------------------------------------------- operators
+
+#: Roles an operator certificate can carry (subject OU). viewer: nothing; responder: freeze,
+#: resume, rollback; admin: also break-glass rollback. The agent enforces them (agent.act.commands).
+OPERATOR_ROLES: tuple[str, ...] = ("viewer", "responder", "admin")
+#: Operator certificates are short-lived by default (reliability goal: <= 24 h).
+OPERATOR_DEFAULT_DAYS = 1
+
+
+@dataclass(slots=True)
+class OperatorPaths:
+    """Where `create_operator` put the operator CA and one operator's certificate and key."""
+
+    out_dir: Path
+    operator_ca_cert: Path
+    operator_ca_key: Path
+    name: str
+    role: str
+    cert: Path
+    key: Path
+    written: list[Path] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        """Human summary for `gpusoc-agent pki operator`."""
+        return "\n".join(
+            [
+                f"operator CA: {self.operator_ca_cert}  (give to agents as operator_ca)",
+                f"operator {self.name} ({self.role}): {self.cert} {self.key}",
+                f"{len(self.written)} file(s) written under {self.out_dir}",
+            ]
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorIdentity:
+    """A verified operator certificate: who signed, with which role and key."""
+
+    name: str
+    role: str
+    key_id: str  # hex SHA-256 of the raw Ed25519 public key
+    cert_sha256: str  # hex SHA-256 of the certificate DER (for denylists)
+    serial: int
+    not_after: dt.datetime
+    public_key: Ed25519PublicKey
+
+
+def create_operator(
+    out_dir: Path, name: str, role: str, days: int = OPERATOR_DEFAULT_DAYS, overwrite: bool = False
+) -> OperatorPaths:
+    """Issue an operator signing identity (Ed25519 key, role in the certificate) from the operator CA.
+
+    A separate CA from the agent and console CAs, so neither a GPU host's certificate nor a console's
+    TLS identity can ever sign a control command. The CA is created in `out_dir` when missing and
+    reused otherwise; existing operator files are refused unless `overwrite=True`.
+    """
+    if days < 1:
+        raise PkiError(f"days must be >= 1, got {days}")
+    if role not in OPERATOR_ROLES:
+        raise PkiError(f"invalid role {role!r}: use one of {', '.join(OPERATOR_ROLES)}")
+    out_dir = Path(out_dir)
+    (name,) = _check_names("operator", [name])
+    paths = OperatorPaths(
+        out_dir=out_dir,
+        operator_ca_cert=out_dir / "operator-ca.pem",
+        operator_ca_key=out_dir / "operator-ca.key",
+        name=name,
+        role=role,
+        cert=out_dir / "operators" / f"{name}.pem",
+        key=out_dir / "operators" / f"{name}.key",
+    )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PkiError(f"{out_dir}: exists and is not a directory")
+    ca_exists = _ca_state(paths.operator_ca_cert, paths.operator_ca_key)
+    if not overwrite:
+        clashes = [p for p in (paths.cert, paths.key) if p.exists() or p.is_symlink()]
+        if clashes:
+            listed = ", ".join(str(p) for p in clashes)
+            raise PkiError(f"refusing to overwrite existing file(s): {listed} (pass overwrite=True to reissue)")
+    now = dt.datetime.now(dt.UTC)
+    ca = _load_ca(paths.operator_ca_cert, paths.operator_ca_key, now) if ca_exists else None
+    if ca is not None:
+        for other in (out_dir / "agent-ca.pem", out_dir / "console-ca.pem"):
+            if other.exists() and _spki(_parse_certs(other.read_bytes(), other)[0].public_key()) == _spki(
+                ca[0].public_key()
+            ):
+                raise PkiError(f"{paths.operator_ca_cert} and {other} share one key; the CAs must be separate")
+    _mkdir(out_dir)
+    if ca is None:
+        ca = _make_ca("operator", now, max(days, CA_MIN_DAYS))
+        _write_pair(paths.operator_ca_cert, paths.operator_ca_key, ca, overwrite=False, written=paths.written)
+    _mkdir(out_dir / "operators")
+    cert, key = _make_operator_leaf(name, role, ca, now, days)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write_file(paths.key, key_pem, 0o600, overwrite=overwrite)
+    paths.written.append(paths.key)
+    _write_file(paths.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644, overwrite=overwrite)
+    paths.written.append(paths.cert)
+    return paths
+
+
+def _make_operator_leaf(
+    name: str, role: str, ca: _Pair, now: dt.datetime, days: int
+) -> tuple[x509.Certificate, Ed25519PrivateKey]:
+    ca_cert, ca_key = ca
+    key = Ed25519PrivateKey.generate()
+    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    try:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+            ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        )
+    except x509.ExtensionNotFound:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORG),
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                    x509.NameAttribute(NameOID.COMMON_NAME, name),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=True,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(aki, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def load_operator_key(path: PathArg) -> Ed25519PrivateKey:
+    """An operator's (or checkpoint signer's) Ed25519 private key from PEM; PkiError otherwise."""
+    p = Path(path)
+    key = _parse_key(_read_file(p, "operator private key"), p)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise PkiError(f"{p}: not an Ed25519 private key")
+    return key
+
+
+def load_operator_cas(path: PathArg) -> list[x509.Certificate]:
+    """The pinned operator CA certificate(s) (a bundle allows rotation); each must be a CA."""
+    p = Path(path)
+    certs = _parse_certs(_read_file(p, "operator CA"), p)
+    for cert in certs:
+        try:
+            bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            bc = None
+        if bc is None or not bc.ca:
+            raise PkiError(f"{p}: not a CA certificate (basicConstraints CA:TRUE missing)")
+    return certs
+
+
+def verify_operator_certificate(
+    cert_pem: bytes, cas: list[x509.Certificate], now: dt.datetime | None = None
+) -> OperatorIdentity:
+    """Accept only a leaf issued directly by a pinned operator CA, valid now, Ed25519, with a role.
+
+    Raises PkiError naming the first check that failed: an agent or console certificate, a
+    certificate from another CA, an expired one or one without a role never becomes an operator.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    if not cert_pem:
+        raise PkiError("no operator certificate")
+    certs = _parse_certs(cert_pem, None)
+    if len(certs) != 1:
+        raise PkiError("expected exactly one operator certificate")
+    cert = certs[0]
+    issued = False
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        if ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
+            issued = True
+            break
+    if not issued:
+        raise PkiError("certificate is not issued by the pinned operator CA")
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise PkiError(
+            f"operator certificate not valid now (valid {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} "
+            f"to {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})"
+        )
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        raise PkiError("operator certificate lacks basicConstraints or keyUsage") from None
+    if bc.ca or not ku.digital_signature:
+        raise PkiError("operator certificate is a CA or may not sign")
+    pub = cert.public_key()
+    if not isinstance(pub, Ed25519PublicKey):
+        raise PkiError("operator certificate key is not Ed25519")
+    ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    roles = [v.value if isinstance(v.value, str) else v.value.decode() for v in ous]
+    if len(roles) != 1 or roles[0] not in OPERATOR_ROLES:
+        raise PkiError(f"operator certificate carries no valid role (OU {roles})")
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1:
+        raise PkiError("operator certificate needs exactly one commonName")
+    name = cns[0].value if isinstance(cns[0].value, str) else cns[0].value.decode()
+    raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return OperatorIdentity(
+        name=name,
+        role=roles[0],
+        key_id=hashlib.sha256(raw).hexdigest(),
+        cert_sha256=hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
+        serial=cert.serial_number,
+        not_after=cert.not_valid_after_utc,
+        public_key=pub,
     )

@@ -1,13 +1,18 @@
-"""The agent's gRPC server: Subscribe, Describe and the standard health service.
+"""The agent's gRPC server: Subscribe, Describe, the control RPCs and the standard health service.
 
 Handlers exchange bytes produced by `protos.serde`; frames are encoded once when they are
-made and the same bytes go to every subscriber. `run_server(port=0)` is the test helper.
+made and the same bytes go to every subscriber. Command, ListCheckpoints and ControlState
+go to an `agent.act.controller.Controller` when one is given (docs/response.md); without
+one they answer FAILED_PRECONDITION. `run_server(port=0)` is the test helper.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,7 +20,11 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 
 from agent.runtime import AgentRuntime
 from protos import serde
-from protos.types import WireError
+from protos.types import SEVERITY_WARNING, Event, WireError
+
+if TYPE_CHECKING:
+    from agent.act.commands import Peer
+    from agent.act.controller import Controller
 
 log = logging.getLogger("gpusoc.agent.serve")
 
@@ -34,11 +43,31 @@ def _identity(b: bytes) -> bytes:
     return b
 
 
-class AgentService:
-    """Subscribe/Describe handlers over an AgentRuntime's buffer."""
+def peer_of(context: grpc.aio.ServicerContext) -> Peer:
+    """The TLS peer: authenticated only when the handshake verified a client certificate.
 
-    def __init__(self, runtime: AgentRuntime) -> None:
+    The server's credentials already require that certificate to chain to the console CA;
+    a plaintext (insecure) connection is never authenticated.
+    """
+    from agent.act.commands import Peer
+
+    try:
+        auth = context.auth_context() or {}
+    except Exception:  # a context without transport details
+        auth = {}
+    transport = b"".join(auth.get("transport_security_type", [])).decode(errors="replace")
+    names = list(auth.get("x509_common_name", []))
+    name = names[0].decode(errors="replace") if names else ""
+    has_cert = bool(auth.get("x509_pem_cert")) and context.peer_identities() is not None
+    return Peer(authenticated=transport == "ssl" and has_cert, name=name or context.peer(), transport=transport)
+
+
+class AgentService:
+    """Subscribe/Describe handlers over an AgentRuntime's buffer, plus the control RPCs."""
+
+    def __init__(self, runtime: AgentRuntime, control: Controller | None = None) -> None:
         self.runtime = runtime
+        self.control = control
         self.subscribers = 0
 
     async def subscribe(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -82,7 +111,79 @@ class AgentService:
             serde.decode_describe_request(request)
         except WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return serde.encode_description(self.runtime.describe())
+        desc = self.runtime.describe()
+        if self.control is not None:
+            desc.capabilities = [
+                *desc.capabilities,
+                "commands",
+                "checkpoints",
+                f"command_key:{self.control.key_id}",
+            ]
+        return serde.encode_description(desc)
+
+    async def _no_control(self, context: grpc.aio.ServicerContext, what: str) -> None:
+        peer = peer_of(context)
+        self.runtime.add_event(
+            Event(
+                ts_unix_ns=time.time_ns(),
+                kind="command_refused",
+                severity=SEVERITY_WARNING,
+                detail=f"{what} refused: control commands are not configured on this agent",
+                attrs={"check": "config", "reason": "no operator CA configured", "peer": peer.name},
+            )
+        )
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION, "control commands are not configured on this agent (operator_ca)"
+        )
+
+    async def command(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Signed command in, signed receipt out; refusals are receipts too (and events)."""
+        if self.control is None:
+            await self._no_control(context, "Command")
+            return b""
+        from agent.act.controller import UnknownCommand
+
+        try:
+            req = serde.decode_command_request(request)
+        except WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return b""
+        try:
+            receipt = await self.control.handle(req, peer_of(context))
+        except UnknownCommand as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no command {exc.args[0]!r} on this agent")
+            return b""
+        return serde.encode_signed_receipt(receipt)
+
+    async def list_checkpoints(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if self.control is None:
+            await self._no_control(context, "ListCheckpoints")
+            return b""
+        try:
+            job, deep = serde.decode_list_checkpoints_request(request)
+        except WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return b""
+        control, peer = self.control, peer_of(context)
+        try:
+            listing = await asyncio.get_running_loop().run_in_executor(
+                None, control.list_checkpoints, job, deep, peer
+            )
+        except PermissionError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            return b""
+        return serde.encode_checkpoint_list(listing)
+
+    async def control_state(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if self.control is None:
+            await self._no_control(context, "ControlState")
+            return b""
+        try:
+            serde.decode_control_state_request(request)
+        except WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return b""
+        return serde.encode_control_state(self.control.control_state())
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -94,18 +195,28 @@ class AgentService:
                 "Describe": grpc.unary_unary_rpc_method_handler(
                     self.describe, request_deserializer=_identity, response_serializer=_identity
                 ),
+                "Command": grpc.unary_unary_rpc_method_handler(
+                    self.command, request_deserializer=_identity, response_serializer=_identity
+                ),
+                "ListCheckpoints": grpc.unary_unary_rpc_method_handler(
+                    self.list_checkpoints, request_deserializer=_identity, response_serializer=_identity
+                ),
+                "ControlState": grpc.unary_unary_rpc_method_handler(
+                    self.control_state, request_deserializer=_identity, response_serializer=_identity
+                ),
             },
         )
 
 
 async def start_server(runtime: AgentRuntime, listen: str,
-                       credentials: grpc.ServerCredentials | None) -> tuple[grpc.aio.Server, int]:
+                       credentials: grpc.ServerCredentials | None,
+                       control: Controller | None = None) -> tuple[grpc.aio.Server, int]:
     """Start serving on `listen` (HOST:PORT, port 0 = any); credentials None = plaintext.
 
-    Returns the server and the bound port.
+    `control` enables Command/ListCheckpoints/ControlState. Returns the server and the bound port.
     """
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    service = AgentService(runtime)
+    service = AgentService(runtime, control)
     server.add_generic_rpc_handlers((service.handler(),))
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -122,6 +233,7 @@ async def start_server(runtime: AgentRuntime, listen: str,
 
 
 async def run_server(runtime: AgentRuntime, port: int = 0, host: str = "127.0.0.1",
-                     credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+                     credentials: grpc.ServerCredentials | None = None,
+                     control: Controller | None = None) -> tuple[grpc.aio.Server, int]:
     """Test helper in the style of gRPC's examples: serve on a free loopback port."""
-    return await start_server(runtime, f"{host}:{port}", credentials)
+    return await start_server(runtime, f"{host}:{port}", credentials, control)

@@ -8,6 +8,7 @@ shapes so that a malformed frame raises `WireError` instead of reaching storage.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -16,12 +17,21 @@ from protos.types import (
     METRIC_NAMES,
     METRIC_SCHEMA,
     N_METRICS,
+    PHASE_NAMES,
+    CheckpointInfo,
+    CheckpointList,
+    CommandEnvelope,
+    CommandRequest,
+    CommandSignature,
+    ControlState,
     Description,
     Event,
     Frame,
+    FrozenJob,
     Gap,
     GpuInfo,
     GpuProcess,
+    SignedReceipt,
     SubscribeRequest,
     TrainRecord,
     WireError,
@@ -31,6 +41,9 @@ from protos.v1 import agent_pb2, telemetry_pb2
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 SUBSCRIBE_METHOD = f"/{SERVICE_NAME}/Subscribe"
 DESCRIBE_METHOD = f"/{SERVICE_NAME}/Describe"
+COMMAND_METHOD = f"/{SERVICE_NAME}/Command"
+LIST_CHECKPOINTS_METHOD = f"/{SERVICE_NAME}/ListCheckpoints"
+CONTROL_STATE_METHOD = f"/{SERVICE_NAME}/ControlState"
 
 # Largest frame a console accepts: 64 GPUs x 16 metrics is 4 KiB; records and events dominate.
 MAX_FRAME_BYTES = 4 * 1024 * 1024
@@ -86,24 +99,8 @@ def encode_frame(frame: Frame) -> bytes:
     )
     for p in frame.processes:
         msg.processes.add(gpu_index=p.gpu_index, pid=p.pid, used_memory_mib=p.used_memory_mib)
-    for r in frame.train:
-        msg.train.add(
-            ts_unix_ns=r.ts_unix_ns,
-            job_id=r.job_id,
-            rank=r.rank,
-            local_rank=r.local_rank,
-            world_size=r.world_size,
-            pid=r.pid,
-            uid=r.uid,
-            step=r.step,
-            loss=r.loss,
-            grad_norm=r.grad_norm,
-            lr=r.lr,
-            tokens=r.tokens,
-            extra=r.extra,
-            kind=r.kind,
-            info=r.info,
-        )
+    if frame.train:
+        _encode_train(msg.train, frame.train)
     for e in frame.events:
         msg.events.add(
             ts_unix_ns=e.ts_unix_ns,
@@ -144,26 +141,7 @@ def _frame_from_msg(msg: telemetry_pb2.Frame) -> Frame:
         gpu_index=list(msg.gpu_index),
         gpu_state=list(msg.gpu_state),
         processes=[GpuProcess(p.gpu_index, p.pid, p.used_memory_mib) for p in msg.processes],
-        train=[
-            TrainRecord(
-                ts_unix_ns=r.ts_unix_ns,
-                job_id=r.job_id,
-                rank=r.rank,
-                local_rank=r.local_rank,
-                world_size=r.world_size,
-                pid=r.pid,
-                uid=r.uid,
-                step=r.step,
-                loss=r.loss,
-                grad_norm=r.grad_norm,
-                lr=r.lr,
-                tokens=r.tokens,
-                extra=dict(r.extra),
-                kind=r.kind or "log",
-                info=dict(r.info),
-            )
-            for r in msg.train
-        ],
+        train=_decode_train(msg.train) if msg.HasField("train") else [],
         events=[
             Event(
                 ts_unix_ns=e.ts_unix_ns,
@@ -179,6 +157,59 @@ def _frame_from_msg(msg: telemetry_pb2.Frame) -> Frame:
         sdk_dropped=msg.sdk_dropped,
         metric_schema=msg.metric_schema,
     )
+
+
+def _encode_train(tb: telemetry_pb2.TrainBatch, records: list[TrainRecord]) -> None:
+    """Columns of a TrainBatch from records: one extend per column, not one message per record."""
+    tb.ts_unix_ns.extend([r.ts_unix_ns for r in records])
+    tb.job_id.extend([r.job_id for r in records])
+    tb.rank.extend([r.rank for r in records])
+    tb.local_rank.extend([r.local_rank for r in records])
+    tb.world_size.extend([r.world_size for r in records])
+    tb.pid.extend([r.pid for r in records])
+    tb.uid.extend([r.uid for r in records])
+    tb.step.extend([r.step for r in records])
+    tb.loss.extend([r.loss for r in records])
+    tb.grad_norm.extend([r.grad_norm for r in records])
+    tb.lr.extend([r.lr for r in records])
+    tb.tokens.extend([r.tokens for r in records])
+    tb.kind.extend([r.kind for r in records])
+    for i, r in enumerate(records):
+        for k, v in r.extra.items():
+            tb.extra_row.append(i)
+            tb.extra_key.append(k)
+            tb.extra_value.append(v)
+        for k, sv in r.info.items():
+            tb.info_row.append(i)
+            tb.info_key.append(k)
+            tb.info_value.append(sv)
+
+
+def _decode_train(tb: telemetry_pb2.TrainBatch) -> list[TrainRecord]:
+    n = len(tb.ts_unix_ns)
+    cols = (tb.job_id, tb.rank, tb.local_rank, tb.world_size, tb.pid, tb.uid, tb.step, tb.loss, tb.grad_norm,
+            tb.lr, tb.tokens, tb.kind)
+    if any(len(c) != n for c in cols):
+        raise WireError("train batch columns differ in length")
+    if not len(tb.extra_row) == len(tb.extra_key) == len(tb.extra_value):
+        raise WireError("train batch extra columns differ in length")
+    if not len(tb.info_row) == len(tb.info_key) == len(tb.info_value):
+        raise WireError("train batch info columns differ in length")
+    records = [
+        TrainRecord(ts, job, rank, local, world, pid, uid, step, loss, gn, lr, tok, {}, kind or "log", {})
+        for ts, job, rank, local, world, pid, uid, step, loss, gn, lr, tok, kind in zip(
+            tb.ts_unix_ns, *(list(c) for c in cols), strict=True
+        )
+    ]
+    for row, key, value in zip(tb.extra_row, tb.extra_key, tb.extra_value, strict=True):
+        if row >= n:
+            raise WireError(f"train extra refers to record {row} of {n}")
+        records[row].extra[key] = value
+    for row, key, sval in zip(tb.info_row, tb.info_key, tb.info_value, strict=True):
+        if row >= n:
+            raise WireError(f"train info refers to record {row} of {n}")
+        records[row].info[key] = sval
+    return records
 
 
 def decode_frame(data: bytes) -> Frame:
@@ -313,6 +344,194 @@ def decode_description(data: bytes) -> Description:
     )
 
 
+# ---------------------------------------------------------------- control (docs/response.md)
+
+# Bounds checked on decode, before any signature work: a command is a few KiB.
+MAX_ENVELOPE_PAYLOAD_BYTES = 16 * 1024
+MAX_ENVELOPE_SIGNATURES = 8
+MAX_CERTIFICATE_BYTES = 8 * 1024
+MAX_SIGNATURE_BYTES = 128
+
+
+def _parse(msg_type: type, data: bytes, what: str) -> Any:
+    msg = msg_type()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as exc:
+        raise WireError(f"undecodable {what}: {exc}") from exc
+    return msg
+
+
+def encode_command_request(req: CommandRequest) -> bytes:
+    """A Command RPC request; the envelope's payload bytes are copied, never re-encoded."""
+    msg = agent_pb2.CommandRequest(
+        phase=req.phase,  # type: ignore[arg-type]
+        commit_at_unix_ns=req.commit_at_unix_ns,
+        command_id=req.command_id,
+        wait_s=req.wait_s,
+    )
+    if req.envelope is not None:
+        msg.envelope.payload = req.envelope.payload
+        for sig in req.envelope.signatures:
+            msg.envelope.signatures.add(certificate_pem=sig.certificate_pem, signature=sig.signature)
+    return msg.SerializeToString()
+
+
+def decode_command_request(data: bytes) -> CommandRequest:
+    """Parse a Command request and bound its sizes; signatures are checked by the agent later."""
+    msg = _parse(agent_pb2.CommandRequest, data, "CommandRequest")
+    if msg.phase not in PHASE_NAMES:
+        raise WireError(f"unknown command phase {msg.phase}")
+    envelope = None
+    if msg.HasField("envelope"):
+        env = msg.envelope
+        if len(env.payload) > MAX_ENVELOPE_PAYLOAD_BYTES:
+            raise WireError(f"payload of {len(env.payload)} bytes exceeds {MAX_ENVELOPE_PAYLOAD_BYTES}")
+        if len(env.signatures) > MAX_ENVELOPE_SIGNATURES:
+            raise WireError(f"{len(env.signatures)} signatures exceed {MAX_ENVELOPE_SIGNATURES}")
+        sigs = []
+        for s in env.signatures:
+            if len(s.certificate_pem) > MAX_CERTIFICATE_BYTES or len(s.signature) > MAX_SIGNATURE_BYTES:
+                raise WireError("signature or certificate too large")
+            sigs.append(CommandSignature(certificate_pem=bytes(s.certificate_pem), signature=bytes(s.signature)))
+        envelope = CommandEnvelope(payload=bytes(env.payload), signatures=tuple(sigs))
+    if not math.isfinite(msg.wait_s) or msg.wait_s < 0:
+        raise WireError("wait_s must be a finite number >= 0")
+    return CommandRequest(
+        phase=msg.phase,
+        envelope=envelope,
+        commit_at_unix_ns=msg.commit_at_unix_ns,
+        command_id=msg.command_id,
+        wait_s=msg.wait_s,
+    )
+
+
+def encode_signed_receipt(r: SignedReceipt) -> bytes:
+    return agent_pb2.CommandReceipt(
+        receipt=r.receipt, signature=r.signature, agent_public_key=r.agent_public_key
+    ).SerializeToString()
+
+
+def decode_signed_receipt(data: bytes) -> SignedReceipt:
+    """The receipt bytes as signed; verify them with protos.signing.verify_receipt."""
+    msg = _parse(agent_pb2.CommandReceipt, data, "CommandReceipt")
+    return SignedReceipt(
+        receipt=bytes(msg.receipt), signature=bytes(msg.signature), agent_public_key=bytes(msg.agent_public_key)
+    )
+
+
+def encode_list_checkpoints_request(job: str, deep: bool = False) -> bytes:
+    return agent_pb2.ListCheckpointsRequest(job=job, deep=deep).SerializeToString()
+
+
+def decode_list_checkpoints_request(data: bytes) -> tuple[str, bool]:
+    """(job, deep); a job id is required."""
+    msg = _parse(agent_pb2.ListCheckpointsRequest, data, "ListCheckpointsRequest")
+    if not msg.job:
+        raise WireError("ListCheckpoints needs a job")
+    return msg.job, msg.deep
+
+
+def encode_checkpoint_list(c: CheckpointList) -> bytes:
+    msg = agent_pb2.ListCheckpointsResponse(host=c.host, job=c.job, step_floor=c.step_floor)
+    for i in c.checkpoints:
+        msg.checkpoints.add(
+            path=i.path,
+            manifest_digest=i.manifest_digest,
+            job=i.job,
+            run=i.run,
+            step=i.step,
+            world_size=i.world_size,
+            status=i.status,
+            reason=i.reason,
+            signer_key_id=i.signer_key_id,
+            below_floor=i.below_floor,
+            created_unix_ns=i.created_unix_ns,
+        )
+    return msg.SerializeToString()
+
+
+def decode_checkpoint_list(data: bytes) -> CheckpointList:
+    msg = _parse(agent_pb2.ListCheckpointsResponse, data, "ListCheckpointsResponse")
+    return CheckpointList(
+        host=msg.host,
+        job=msg.job,
+        step_floor=msg.step_floor,
+        checkpoints=tuple(
+            CheckpointInfo(
+                path=i.path,
+                manifest_digest=i.manifest_digest,
+                job=i.job,
+                run=i.run,
+                step=i.step,
+                world_size=i.world_size,
+                status=i.status,
+                reason=i.reason,
+                signer_key_id=i.signer_key_id,
+                below_floor=i.below_floor,
+                created_unix_ns=i.created_unix_ns,
+            )
+            for i in msg.checkpoints
+        ),
+    )
+
+
+def encode_control_state_request() -> bytes:
+    return agent_pb2.ControlStateRequest().SerializeToString()
+
+
+def decode_control_state_request(data: bytes) -> None:
+    _parse(agent_pb2.ControlStateRequest, data, "ControlStateRequest")
+
+
+def encode_control_state(s: ControlState) -> bytes:
+    msg = agent_pb2.ControlStateResponse(
+        host=s.host,
+        agent_public_key=s.agent_public_key,
+        agent_key_id=s.agent_key_id,
+        commands_enabled=s.commands_enabled,
+        min_signers=s.min_signers,
+        now_unix_ns=s.now_unix_ns,
+        armed_command_ids=list(s.armed_command_ids),
+    )
+    for f in s.frozen:
+        msg.frozen.add(
+            job=f.job,
+            method=f.method,
+            frozen_since_unix_ns=f.frozen_since_unix_ns,
+            collective_timeout_s=f.collective_timeout_s,
+            pids=list(f.pids),
+            cgroup=f.cgroup,
+            command_id=f.command_id,
+        )
+    return msg.SerializeToString()
+
+
+def decode_control_state(data: bytes) -> ControlState:
+    msg = _parse(agent_pb2.ControlStateResponse, data, "ControlStateResponse")
+    return ControlState(
+        host=msg.host,
+        agent_public_key=bytes(msg.agent_public_key),
+        agent_key_id=msg.agent_key_id,
+        commands_enabled=msg.commands_enabled,
+        frozen=tuple(
+            FrozenJob(
+                job=f.job,
+                method=f.method,
+                frozen_since_unix_ns=f.frozen_since_unix_ns,
+                collective_timeout_s=f.collective_timeout_s,
+                pids=tuple(f.pids),
+                cgroup=f.cgroup,
+                command_id=f.command_id,
+            )
+            for f in msg.frozen
+        ),
+        min_signers=dict(msg.min_signers),
+        now_unix_ns=msg.now_unix_ns,
+        armed_command_ids=tuple(msg.armed_command_ids),
+    )
+
+
 def protobuf_backend() -> str:
     """'upb' in a healthy install; the pure-Python fallback parses ~500x slower."""
     from google.protobuf.internal import api_implementation
@@ -321,17 +540,32 @@ def protobuf_backend() -> str:
 
 
 __all__ = [
+    "COMMAND_METHOD",
+    "CONTROL_STATE_METHOD",
     "DESCRIBE_METHOD",
+    "LIST_CHECKPOINTS_METHOD",
     "METRIC_NAMES",
     "SERVICE_NAME",
     "SUBSCRIBE_METHOD",
+    "decode_checkpoint_list",
+    "decode_command_request",
+    "decode_control_state",
+    "decode_control_state_request",
     "decode_description",
     "decode_frame",
+    "decode_list_checkpoints_request",
+    "decode_signed_receipt",
     "decode_stream_item",
     "decode_subscribe_request",
+    "encode_checkpoint_list",
+    "encode_command_request",
+    "encode_control_state",
+    "encode_control_state_request",
     "encode_description",
     "encode_frame",
     "encode_gap",
+    "encode_list_checkpoints_request",
+    "encode_signed_receipt",
     "encode_subscribe_request",
     "wrap_frame",
 ]

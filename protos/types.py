@@ -153,3 +153,168 @@ class Description:
 
 class WireError(ValueError):
     """Bytes or values that do not form a valid message of the contract."""
+
+
+# ---------------------------------------------------------------- control (docs/response.md)
+
+ACTION_FREEZE: Final = "freeze"
+ACTION_RESUME: Final = "resume"
+ACTION_ROLLBACK: Final = "rollback"
+ACTIONS: Final[tuple[str, ...]] = (ACTION_FREEZE, ACTION_RESUME, ACTION_ROLLBACK)
+
+ROLE_VIEWER: Final = "viewer"
+ROLE_RESPONDER: Final = "responder"
+ROLE_ADMIN: Final = "admin"
+ROLES: Final[tuple[str, ...]] = (ROLE_VIEWER, ROLE_RESPONDER, ROLE_ADMIN)
+
+#: CommandRequest.phase values (enum CommandPhase in agent.proto).
+PHASE_EXECUTE: Final = 1
+PHASE_PREPARE: Final = 2
+PHASE_RESULT: Final = 3
+PHASE_ABORT: Final = 4
+PHASE_NAMES: Final = {PHASE_EXECUTE: "execute", PHASE_PREPARE: "prepare", PHASE_RESULT: "result", PHASE_ABORT: "abort"}
+
+#: Longest a command may live (expires_at - issued_at).
+MAX_COMMAND_TTL_NS: Final = 120 * 1_000_000_000
+
+#: Receipt statuses.
+STATUS_PREPARED: Final = "prepared"
+STATUS_EXECUTED: Final = "executed"
+STATUS_REFUSED: Final = "refused"
+STATUS_FAILED: Final = "failed"
+STATUS_ABORTED: Final = "aborted"
+STATUS_PENDING: Final = "pending"
+
+
+@dataclass(frozen=True, slots=True)
+class CommandPayload:
+    """What operators sign: one action on one job, for listed hosts, inside a short time window.
+
+    `protos.signing.payload_bytes` turns it into the canonical bytes that are signed and sent;
+    the agent parses those exact bytes back with `protos.signing.parse_payload`.
+    """
+
+    command_id: str  # 32 lowercase hex characters (128 random bits), single-use
+    action: str  # one of ACTIONS
+    job: str
+    target_hosts: tuple[str, ...]
+    issued_at_ns: int  # unix ns
+    expires_at_ns: int  # unix ns, at most MAX_COMMAND_TTL_NS after issued_at_ns
+    reason: str
+    checkpoint_digest: str = ""  # rollback only: "sha256:<hex>" of the checkpoint's manifest file
+    break_glass: bool = False  # rollback below the step floor; needs two admins
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSignature:
+    certificate_pem: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CommandEnvelope:
+    """The payload bytes exactly as signed, plus one signature per approving operator."""
+
+    payload: bytes
+    signatures: tuple[CommandSignature, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRequest:
+    phase: int
+    envelope: CommandEnvelope | None = None
+    commit_at_unix_ns: int = 0
+    command_id: str = ""
+    wait_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SignedReceipt:
+    """A receipt as it travels: canonical JSON bytes, the agent's signature, its raw public key."""
+
+    receipt: bytes
+    signature: bytes
+    agent_public_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    path: str
+    manifest_digest: str
+    job: str
+    run: str
+    step: int
+    world_size: int
+    status: str  # verified | signed | unsigned | untrusted | invalid
+    reason: str = ""
+    signer_key_id: str = ""
+    below_floor: bool = False
+    created_unix_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointList:
+    host: str
+    job: str
+    step_floor: int
+    checkpoints: tuple[CheckpointInfo, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FrozenJob:
+    job: str
+    method: str  # cgroup_freezer | sigstop
+    frozen_since_unix_ns: int
+    collective_timeout_s: float
+    pids: tuple[int, ...] = ()
+    cgroup: str = ""
+    command_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ControlState:
+    host: str
+    agent_public_key: bytes
+    agent_key_id: str
+    commands_enabled: bool
+    frozen: tuple[FrozenJob, ...] = ()
+    min_signers: dict[str, int] = field(default_factory=dict)
+    now_unix_ns: int = 0
+    armed_command_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The agent's signed answer to one command request (the JSON inside SignedReceipt.receipt).
+
+    Times are unix ns on the agent's clock; a console computes cross-host skew from
+    `executed_at_ns` and the time left before the job's collective timeout from
+    `frozen_since_ns` and `collective_timeout_s`.
+    """
+
+    command_id: str
+    host: str
+    phase: str  # execute | prepare | result | abort
+    status: str  # prepared | executed | refused | failed | aborted | pending
+    payload_sha256: str = ""  # hex SHA-256 of the payload bytes the receipt answers ("" if none)
+    action: str = ""
+    job: str = ""
+    reason: str = ""
+    check: str = ""  # the check that refused (peer, envelope, certificate, signature, ...)
+    signers: tuple[str, ...] = ()  # "name:role" of each verified signer
+    peer: str = ""  # mTLS common name of the console that sent it
+    method: str = ""  # cgroup_freezer | sigstop | restore
+    pids: tuple[int, ...] = ()
+    cgroup: str = ""
+    received_at_ns: int = 0
+    commit_at_ns: int = 0
+    executed_at_ns: int = 0
+    confirmed_at_ns: int = 0
+    frozen_since_ns: int = 0
+    collective_timeout_s: int = 0
+    checkpoint_digest: str = ""
+    checkpoint_step: int = -1
+    checkpoint_path: str = ""
+    restarted_pids: tuple[int, ...] = ()
+    agent_key_id: str = ""
+    signed_at_ns: int = 0

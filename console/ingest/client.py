@@ -220,7 +220,13 @@ class AgentClient:
                 missing = Gap(frame.epoch, pos[1] + 1, frame.seq - 1, "missing", now)
                 self.stats.missing += frame.seq - 1 - pos[1]
                 self.store.submit_gap(self.host, missing)
-        self.store.submit_frame(frame, now, self.address)
+        try:
+            self.store.submit_frame(frame, now, self.address)
+        except ValueError as exc:  # the store refuses a frame the wire check let through
+            self.stats.rejected += 1
+            log.error("%s (%s): store refused frame %s:%d: %s", self.address, self.host, frame.epoch[:8],
+                      frame.seq, exc)
+            return
         self.position = (frame.epoch, frame.seq)
         self.stats.frames += 1
         self.last_frame_mono = time.monotonic()

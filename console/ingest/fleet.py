@@ -47,7 +47,7 @@ class FleetIngest:
     """Runs every AgentClient; exposes per-host status for the UI and the collector's log."""
 
     def __init__(self, source: AgentSource, store: FrameStore, tls: ConsoleTls | None,
-                 sink: IngestSink | None = None, poll_s: float = 2.0) -> None:
+                 sink: IngestSink | None = None, poll_s: float = 1.0) -> None:
         self.source = source
         self.store = store
         self.tls = tls
@@ -59,6 +59,11 @@ class FleetIngest:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.on_status: Callable[[HostStatus], None] | None = None
+        self._periodic: list[Callable[[], object]] = []
+
+    def add_periodic(self, fn: Callable[[], object]) -> None:
+        """Run fn on the ingest loop every poll_s (e.g. detection's evaluate); exceptions are logged."""
+        self._periodic.append(fn)
 
     def statuses(self) -> list[HostStatus]:
         return [c.status for c in self.clients.values() if c.status is not None]
@@ -96,6 +101,11 @@ class FleetIngest:
                     self._sync(entries)
                 for c in self.clients.values():
                     c.check_lag()
+                for fn in self._periodic:
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("periodic task %r failed", fn)
         finally:
             for t in self._tasks.values():
                 t.cancel()

@@ -44,6 +44,21 @@ class AgentServiceStub:
                 request_serializer=protos_dot_v1_dot_agent__pb2.DescribeRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_agent__pb2.DescribeResponse.FromString,
                 _registered_method=True)
+        self.Command = channel.unary_unary(
+                '/gpusoc.v1.AgentService/Command',
+                request_serializer=protos_dot_v1_dot_agent__pb2.CommandRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_agent__pb2.CommandReceipt.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/gpusoc.v1.AgentService/ListCheckpoints',
+                request_serializer=protos_dot_v1_dot_agent__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_agent__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.ControlState = channel.unary_unary(
+                '/gpusoc.v1.AgentService/ControlState',
+                request_serializer=protos_dot_v1_dot_agent__pb2.ControlStateRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_agent__pb2.ControlStateResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -59,9 +74,33 @@ class AgentServiceServicer:
 
     def Describe(self, request, context):
         """Identity, GPUs and capabilities of this agent.
-        Control RPCs (freeze, resume, rollback) take signed envelopes and are added
-        in a later version of this service; method names Freeze, Resume, Rollback and
-        message field ranges 100-199 are reserved for them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Command(self, request, context):
+        """Control RPCs (freeze, resume, rollback) take signed envelopes. One method carries
+        every action: the action is inside the signed payload, so a method name can never
+        disagree with what the operators signed. Method names Freeze, Resume, Rollback and
+        field numbers 100-199 of the messages above stay reserved. docs/response.md.
+
+        Verify a signed command and execute it now, arm it for a shared deadline, fetch the
+        final receipt of an armed one, or disarm it. Refusals are signed receipts too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """A job's checkpoints on this host with their verification status (read-only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControlState(self, request, context):
+        """The agent's receipt key, the jobs it holds frozen (and since when), the signer policy.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -79,6 +118,21 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Describe,
                     request_deserializer=protos_dot_v1_dot_agent__pb2.DescribeRequest.FromString,
                     response_serializer=protos_dot_v1_dot_agent__pb2.DescribeResponse.SerializeToString,
+            ),
+            'Command': grpc.unary_unary_rpc_method_handler(
+                    servicer.Command,
+                    request_deserializer=protos_dot_v1_dot_agent__pb2.CommandRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_agent__pb2.CommandReceipt.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=protos_dot_v1_dot_agent__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_agent__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'ControlState': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControlState,
+                    request_deserializer=protos_dot_v1_dot_agent__pb2.ControlStateRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_agent__pb2.ControlStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +189,87 @@ class AgentService:
             '/gpusoc.v1.AgentService/Describe',
             protos_dot_v1_dot_agent__pb2.DescribeRequest.SerializeToString,
             protos_dot_v1_dot_agent__pb2.DescribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Command(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpusoc.v1.AgentService/Command',
+            protos_dot_v1_dot_agent__pb2.CommandRequest.SerializeToString,
+            protos_dot_v1_dot_agent__pb2.CommandReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpusoc.v1.AgentService/ListCheckpoints',
+            protos_dot_v1_dot_agent__pb2.ListCheckpointsRequest.SerializeToString,
+            protos_dot_v1_dot_agent__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControlState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpusoc.v1.AgentService/ControlState',
+            protos_dot_v1_dot_agent__pb2.ControlStateRequest.SerializeToString,
+            protos_dot_v1_dot_agent__pb2.ControlStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

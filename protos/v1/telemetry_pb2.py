@@ -24,39 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protos/v1/telemetry.proto\x12\tgpusoc.v1\"\xe9\x02\n\x05\x46rame\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x12\n\nts_unix_ns\x18\x04 \x01(\x03\x12\x11\n\tsimulated\x18\x05 \x01(\x08\x12\x15\n\rmetric_schema\x18\x06 \x01(\r\x12\x0e\n\x06n_gpus\x18\x07 \x01(\r\x12\x11\n\tn_metrics\x18\x08 \x01(\r\x12\x12\n\ngpu_values\x18\t \x01(\x0c\x12\x11\n\tgpu_index\x18\n \x03(\r\x12&\n\tgpu_state\x18\x0b \x03(\x0e\x32\x13.gpusoc.v1.GpuState\x12(\n\tprocesses\x18\x0c \x03(\x0b\x32\x15.gpusoc.v1.GpuProcess\x12%\n\x05train\x18\r \x03(\x0b\x32\x16.gpusoc.v1.TrainRecord\x12 \n\x06\x65vents\x18\x0e \x03(\x0b\x32\x10.gpusoc.v1.Event\x12\x13\n\x0bsdk_dropped\x18\x0f \x01(\x04\"E\n\nGpuProcess\x12\x11\n\tgpu_index\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x17\n\x0fused_memory_mib\x18\x03 \x01(\x01\"\x97\x03\n\x0bTrainRecord\x12\x12\n\nts_unix_ns\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nlocal_rank\x18\x04 \x01(\x05\x12\x12\n\nworld_size\x18\x05 \x01(\x05\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12\x0b\n\x03uid\x18\x07 \x01(\r\x12\x0c\n\x04step\x18\x08 \x01(\x03\x12\x0c\n\x04loss\x18\t \x01(\x01\x12\x11\n\tgrad_norm\x18\n \x01(\x01\x12\n\n\x02lr\x18\x0b \x01(\x01\x12\x0e\n\x06tokens\x18\x0c \x01(\x01\x12\x30\n\x05\x65xtra\x18\r \x03(\x0b\x32!.gpusoc.v1.TrainRecord.ExtraEntry\x12\x0c\n\x04kind\x18\x0e \x01(\t\x12.\n\x04info\x18\x0f \x03(\x0b\x32 .gpusoc.v1.TrainRecord.InfoEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a+\n\tInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xda\x01\n\x05\x45vent\x12\x12\n\nts_unix_ns\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12%\n\x08severity\x18\x03 \x01(\x0e\x32\x13.gpusoc.v1.Severity\x12\x11\n\tgpu_index\x18\x04 \x01(\x05\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12*\n\x05\x61ttrs\x18\x07 \x03(\x0b\x32\x1b.gpusoc.v1.Event.AttrsEntry\x1a,\n\nAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"]\n\x03Gap\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x11\n\tfirst_seq\x18\x02 \x01(\x04\x12\x10\n\x08last_seq\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nts_unix_ns\x18\x05 \x01(\x03*\xb0\x03\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x17\n\x13METRIC_GPU_UTIL_PCT\x10\x01\x12\x17\n\x13METRIC_MEM_UTIL_PCT\x10\x02\x12\x17\n\x13METRIC_MEM_USED_MIB\x10\x03\x12\x18\n\x14METRIC_MEM_TOTAL_MIB\x10\x04\x12\x11\n\rMETRIC_TEMP_C\x10\x05\x12\x12\n\x0eMETRIC_POWER_W\x10\x06\x12\x18\n\x14METRIC_POWER_LIMIT_W\x10\x07\x12\x17\n\x13METRIC_SM_CLOCK_MHZ\x10\x08\x12\x18\n\x14METRIC_MEM_CLOCK_MHZ\x10\t\x12\x1b\n\x17METRIC_THROTTLE_REASONS\x10\n\x12\x18\n\x14METRIC_ECC_CORRECTED\x10\x0b\x12\x1a\n\x16METRIC_ECC_UNCORRECTED\x10\x0c\x12\x18\n\x14METRIC_RETIRED_PAGES\x10\r\x12\x18\n\x14METRIC_REMAP_FAILURE\x10\x0e\x12\x16\n\x12METRIC_PCIE_TX_KBS\x10\x0f\x12\x16\n\x12METRIC_PCIE_RX_KBS\x10\x10*`\n\x08GpuState\x12\x19\n\x15GPU_STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cGPU_STATE_OK\x10\x01\x12\x12\n\x0eGPU_STATE_LOST\x10\x02\x12\x13\n\x0fGPU_STATE_ERROR\x10\x03*d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protos/v1/telemetry.proto\x12\tgpusoc.v1\"\xee\x02\n\x05\x46rame\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x12\n\nts_unix_ns\x18\x04 \x01(\x03\x12\x11\n\tsimulated\x18\x05 \x01(\x08\x12\x15\n\rmetric_schema\x18\x06 \x01(\r\x12\x0e\n\x06n_gpus\x18\x07 \x01(\r\x12\x11\n\tn_metrics\x18\x08 \x01(\r\x12\x12\n\ngpu_values\x18\t \x01(\x0c\x12\x11\n\tgpu_index\x18\n \x03(\r\x12&\n\tgpu_state\x18\x0b \x03(\x0e\x32\x13.gpusoc.v1.GpuState\x12(\n\tprocesses\x18\x0c \x03(\x0b\x32\x15.gpusoc.v1.GpuProcess\x12 \n\x06\x65vents\x18\x0e \x03(\x0b\x32\x10.gpusoc.v1.Event\x12\x13\n\x0bsdk_dropped\x18\x0f \x01(\x04\x12$\n\x05train\x18\x10 \x01(\x0b\x32\x15.gpusoc.v1.TrainBatchJ\x04\x08\r\x10\x0e\"E\n\nGpuProcess\x12\x11\n\tgpu_index\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x17\n\x0fused_memory_mib\x18\x03 \x01(\x01\"\xcc\x02\n\nTrainBatch\x12\x12\n\nts_unix_ns\x18\x01 \x03(\x03\x12\x0e\n\x06job_id\x18\x02 \x03(\t\x12\x0c\n\x04rank\x18\x03 \x03(\x05\x12\x12\n\nlocal_rank\x18\x04 \x03(\x05\x12\x12\n\nworld_size\x18\x05 \x03(\x05\x12\x0b\n\x03pid\x18\x06 \x03(\r\x12\x0b\n\x03uid\x18\x07 \x03(\r\x12\x0c\n\x04step\x18\x08 \x03(\x03\x12\x0c\n\x04loss\x18\t \x03(\x01\x12\x11\n\tgrad_norm\x18\n \x03(\x01\x12\n\n\x02lr\x18\x0b \x03(\x01\x12\x0e\n\x06tokens\x18\x0c \x03(\x01\x12\x0c\n\x04kind\x18\r \x03(\t\x12\x11\n\textra_row\x18\x0e \x03(\r\x12\x11\n\textra_key\x18\x0f \x03(\t\x12\x13\n\x0b\x65xtra_value\x18\x10 \x03(\x01\x12\x10\n\x08info_row\x18\x11 \x03(\r\x12\x10\n\x08info_key\x18\x12 \x03(\t\x12\x12\n\ninfo_value\x18\x13 \x03(\t\"\xda\x01\n\x05\x45vent\x12\x12\n\nts_unix_ns\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12%\n\x08severity\x18\x03 \x01(\x0e\x32\x13.gpusoc.v1.Severity\x12\x11\n\tgpu_index\x18\x04 \x01(\x05\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12*\n\x05\x61ttrs\x18\x07 \x03(\x0b\x32\x1b.gpusoc.v1.Event.AttrsEntry\x1a,\n\nAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"]\n\x03Gap\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x11\n\tfirst_seq\x18\x02 \x01(\x04\x12\x10\n\x08last_seq\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nts_unix_ns\x18\x05 \x01(\x03*\xb0\x03\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x17\n\x13METRIC_GPU_UTIL_PCT\x10\x01\x12\x17\n\x13METRIC_MEM_UTIL_PCT\x10\x02\x12\x17\n\x13METRIC_MEM_USED_MIB\x10\x03\x12\x18\n\x14METRIC_MEM_TOTAL_MIB\x10\x04\x12\x11\n\rMETRIC_TEMP_C\x10\x05\x12\x12\n\x0eMETRIC_POWER_W\x10\x06\x12\x18\n\x14METRIC_POWER_LIMIT_W\x10\x07\x12\x17\n\x13METRIC_SM_CLOCK_MHZ\x10\x08\x12\x18\n\x14METRIC_MEM_CLOCK_MHZ\x10\t\x12\x1b\n\x17METRIC_THROTTLE_REASONS\x10\n\x12\x18\n\x14METRIC_ECC_CORRECTED\x10\x0b\x12\x1a\n\x16METRIC_ECC_UNCORRECTED\x10\x0c\x12\x18\n\x14METRIC_RETIRED_PAGES\x10\r\x12\x18\n\x14METRIC_REMAP_FAILURE\x10\x0e\x12\x16\n\x12METRIC_PCIE_TX_KBS\x10\x0f\x12\x16\n\x12METRIC_PCIE_RX_KBS\x10\x10*`\n\x08GpuState\x12\x19\n\x15GPU_STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cGPU_STATE_OK\x10\x01\x12\x12\n\x0eGPU_STATE_LOST\x10\x02\x12\x13\n\x0fGPU_STATE_ERROR\x10\x03*d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.v1.telemetry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRAINRECORD_EXTRAENTRY']._loaded_options = None
-  _globals['_TRAINRECORD_EXTRAENTRY']._serialized_options = b'8\001'
-  _globals['_TRAINRECORD_INFOENTRY']._loaded_options = None
-  _globals['_TRAINRECORD_INFOENTRY']._serialized_options = b'8\001'
   _globals['_EVENT_ATTRSENTRY']._loaded_options = None
   _globals['_EVENT_ATTRSENTRY']._serialized_options = b'8\001'
-  _globals['_METRIC']._serialized_start=1202
-  _globals['_METRIC']._serialized_end=1634
-  _globals['_GPUSTATE']._serialized_start=1636
-  _globals['_GPUSTATE']._serialized_end=1732
-  _globals['_SEVERITY']._serialized_start=1734
-  _globals['_SEVERITY']._serialized_end=1834
+  _globals['_METRIC']._serialized_start=1132
+  _globals['_METRIC']._serialized_end=1564
+  _globals['_GPUSTATE']._serialized_start=1566
+  _globals['_GPUSTATE']._serialized_end=1662
+  _globals['_SEVERITY']._serialized_start=1664
+  _globals['_SEVERITY']._serialized_end=1764
   _globals['_FRAME']._serialized_start=41
-  _globals['_FRAME']._serialized_end=402
-  _globals['_GPUPROCESS']._serialized_start=404
-  _globals['_GPUPROCESS']._serialized_end=473
-  _globals['_TRAINRECORD']._serialized_start=476
-  _globals['_TRAINRECORD']._serialized_end=883
-  _globals['_TRAINRECORD_EXTRAENTRY']._serialized_start=794
-  _globals['_TRAINRECORD_EXTRAENTRY']._serialized_end=838
-  _globals['_TRAINRECORD_INFOENTRY']._serialized_start=840
-  _globals['_TRAINRECORD_INFOENTRY']._serialized_end=883
-  _globals['_EVENT']._serialized_start=886
-  _globals['_EVENT']._serialized_end=1104
-  _globals['_EVENT_ATTRSENTRY']._serialized_start=1060
-  _globals['_EVENT_ATTRSENTRY']._serialized_end=1104
-  _globals['_GAP']._serialized_start=1106
-  _globals['_GAP']._serialized_end=1199
+  _globals['_FRAME']._serialized_end=407
+  _globals['_GPUPROCESS']._serialized_start=409
+  _globals['_GPUPROCESS']._serialized_end=478
+  _globals['_TRAINBATCH']._serialized_start=481
+  _globals['_TRAINBATCH']._serialized_end=813
+  _globals['_EVENT']._serialized_start=816
+  _globals['_EVENT']._serialized_end=1034
+  _globals['_EVENT_ATTRSENTRY']._serialized_start=990
+  _globals['_EVENT_ATTRSENTRY']._serialized_end=1034
+  _globals['_GAP']._serialized_start=1036
+  _globals['_GAP']._serialized_end=1129
 # @@protoc_insertion_point(module_scope)

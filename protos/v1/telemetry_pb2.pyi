@@ -67,7 +67,7 @@ SEVERITY_WARNING: Severity
 SEVERITY_CRITICAL: Severity
 
 class Frame(_message.Message):
-    __slots__ = ("host", "epoch", "seq", "ts_unix_ns", "simulated", "metric_schema", "n_gpus", "n_metrics", "gpu_values", "gpu_index", "gpu_state", "processes", "train", "events", "sdk_dropped")
+    __slots__ = ("host", "epoch", "seq", "ts_unix_ns", "simulated", "metric_schema", "n_gpus", "n_metrics", "gpu_values", "gpu_index", "gpu_state", "processes", "events", "sdk_dropped", "train")
     HOST_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -80,9 +80,9 @@ class Frame(_message.Message):
     GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
     GPU_STATE_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
-    TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     SDK_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
     host: str
     epoch: str
     seq: int
@@ -95,10 +95,10 @@ class Frame(_message.Message):
     gpu_index: _containers.RepeatedScalarFieldContainer[int]
     gpu_state: _containers.RepeatedScalarFieldContainer[GpuState]
     processes: _containers.RepeatedCompositeFieldContainer[GpuProcess]
-    train: _containers.RepeatedCompositeFieldContainer[TrainRecord]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     sdk_dropped: int
-    def __init__(self, host: _Optional[str] = ..., epoch: _Optional[str] = ..., seq: _Optional[int] = ..., ts_unix_ns: _Optional[int] = ..., simulated: _Optional[bool] = ..., metric_schema: _Optional[int] = ..., n_gpus: _Optional[int] = ..., n_metrics: _Optional[int] = ..., gpu_values: _Optional[bytes] = ..., gpu_index: _Optional[_Iterable[int]] = ..., gpu_state: _Optional[_Iterable[_Union[GpuState, str]]] = ..., processes: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ..., train: _Optional[_Iterable[_Union[TrainRecord, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., sdk_dropped: _Optional[int] = ...) -> None: ...
+    train: TrainBatch
+    def __init__(self, host: _Optional[str] = ..., epoch: _Optional[str] = ..., seq: _Optional[int] = ..., ts_unix_ns: _Optional[int] = ..., simulated: _Optional[bool] = ..., metric_schema: _Optional[int] = ..., n_gpus: _Optional[int] = ..., n_metrics: _Optional[int] = ..., gpu_values: _Optional[bytes] = ..., gpu_index: _Optional[_Iterable[int]] = ..., gpu_state: _Optional[_Iterable[_Union[GpuState, str]]] = ..., processes: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., sdk_dropped: _Optional[int] = ..., train: _Optional[_Union[TrainBatch, _Mapping]] = ...) -> None: ...
 
 class GpuProcess(_message.Message):
     __slots__ = ("gpu_index", "pid", "used_memory_mib")
@@ -110,22 +110,8 @@ class GpuProcess(_message.Message):
     used_memory_mib: float
     def __init__(self, gpu_index: _Optional[int] = ..., pid: _Optional[int] = ..., used_memory_mib: _Optional[float] = ...) -> None: ...
 
-class TrainRecord(_message.Message):
-    __slots__ = ("ts_unix_ns", "job_id", "rank", "local_rank", "world_size", "pid", "uid", "step", "loss", "grad_norm", "lr", "tokens", "extra", "kind", "info")
-    class ExtraEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: float
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
-    class InfoEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+class TrainBatch(_message.Message):
+    __slots__ = ("ts_unix_ns", "job_id", "rank", "local_rank", "world_size", "pid", "uid", "step", "loss", "grad_norm", "lr", "tokens", "kind", "extra_row", "extra_key", "extra_value", "info_row", "info_key", "info_value")
     TS_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -138,25 +124,33 @@ class TrainRecord(_message.Message):
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
-    EXTRA_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
-    INFO_FIELD_NUMBER: _ClassVar[int]
-    ts_unix_ns: int
-    job_id: str
-    rank: int
-    local_rank: int
-    world_size: int
-    pid: int
-    uid: int
-    step: int
-    loss: float
-    grad_norm: float
-    lr: float
-    tokens: float
-    extra: _containers.ScalarMap[str, float]
-    kind: str
-    info: _containers.ScalarMap[str, str]
-    def __init__(self, ts_unix_ns: _Optional[int] = ..., job_id: _Optional[str] = ..., rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., pid: _Optional[int] = ..., uid: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., lr: _Optional[float] = ..., tokens: _Optional[float] = ..., extra: _Optional[_Mapping[str, float]] = ..., kind: _Optional[str] = ..., info: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    EXTRA_ROW_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_KEY_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INFO_ROW_FIELD_NUMBER: _ClassVar[int]
+    INFO_KEY_FIELD_NUMBER: _ClassVar[int]
+    INFO_VALUE_FIELD_NUMBER: _ClassVar[int]
+    ts_unix_ns: _containers.RepeatedScalarFieldContainer[int]
+    job_id: _containers.RepeatedScalarFieldContainer[str]
+    rank: _containers.RepeatedScalarFieldContainer[int]
+    local_rank: _containers.RepeatedScalarFieldContainer[int]
+    world_size: _containers.RepeatedScalarFieldContainer[int]
+    pid: _containers.RepeatedScalarFieldContainer[int]
+    uid: _containers.RepeatedScalarFieldContainer[int]
+    step: _containers.RepeatedScalarFieldContainer[int]
+    loss: _containers.RepeatedScalarFieldContainer[float]
+    grad_norm: _containers.RepeatedScalarFieldContainer[float]
+    lr: _containers.RepeatedScalarFieldContainer[float]
+    tokens: _containers.RepeatedScalarFieldContainer[float]
+    kind: _containers.RepeatedScalarFieldContainer[str]
+    extra_row: _containers.RepeatedScalarFieldContainer[int]
+    extra_key: _containers.RepeatedScalarFieldContainer[str]
+    extra_value: _containers.RepeatedScalarFieldContainer[float]
+    info_row: _containers.RepeatedScalarFieldContainer[int]
+    info_key: _containers.RepeatedScalarFieldContainer[str]
+    info_value: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ts_unix_ns: _Optional[_Iterable[int]] = ..., job_id: _Optional[_Iterable[str]] = ..., rank: _Optional[_Iterable[int]] = ..., local_rank: _Optional[_Iterable[int]] = ..., world_size: _Optional[_Iterable[int]] = ..., pid: _Optional[_Iterable[int]] = ..., uid: _Optional[_Iterable[int]] = ..., step: _Optional[_Iterable[int]] = ..., loss: _Optional[_Iterable[float]] = ..., grad_norm: _Optional[_Iterable[float]] = ..., lr: _Optional[_Iterable[float]] = ..., tokens: _Optional[_Iterable[float]] = ..., kind: _Optional[_Iterable[str]] = ..., extra_row: _Optional[_Iterable[int]] = ..., extra_key: _Optional[_Iterable[str]] = ..., extra_value: _Optional[_Iterable[float]] = ..., info_row: _Optional[_Iterable[int]] = ..., info_key: _Optional[_Iterable[str]] = ..., info_value: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("ts_unix_ns", "kind", "severity", "gpu_index", "pid", "detail", "attrs")

@@ -1,0 +1,1 @@
+"""Qt-free view models: what the console shows, testable without a display."""
