@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,7 +160,7 @@ async def _serve_slice(indices: list[int], args: argparse.Namespace, start_ns: i
 
 async def _inject_faults(runtimes: list[AgentRuntime], args: argparse.Namespace) -> None:
     """Now and then: an XID, a hot GPU, a lost GPU, a NaN loss (labelled simulated like all else)."""
-    rng = random.Random(args.seed)
+    rng = random.Random((args.seed or 0) * 7919 + zlib.crc32(runtimes[0].host.encode()))  # differs per process
     while True:
         await asyncio.sleep(rng.uniform(20, 40))
         rt = rng.choice(runtimes)

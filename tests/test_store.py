@@ -264,8 +264,9 @@ def test_one_insert_per_table_per_flush(db: Path) -> None:
             return real_con.execute(sql, *args)
 
     w._con = Spy()  # type: ignore[assignment]
-    for s in range(1, 201):
-        w.submit_frame(frame(host=f"h{s % 7}", seq=s), time.time_ns())
+    with w._cond:  # queue the whole batch before the writer thread can take part of it
+        for s in range(1, 201):
+            w.submit_frame(frame(host=f"h{s % 7}", seq=s), time.time_ns())
     assert w.flush(10)
     w._con = real_con
     w.stop()

@@ -136,6 +136,8 @@ def _nullable_f64(values: list[float]) -> pa.Array:
 
 
 def _json(obj: dict[str, str]) -> str:
+    if not obj:  # most records carry none; skip the encoder (a third of a flush's CPU otherwise)
+        return "{}"
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -425,6 +427,17 @@ class StoreWriter:
     def run_on_writer(self, fn: Callable[[duckdb.DuckDBPyConnection], T], timeout: float | None = 30.0) -> T:
         """Run fn with the writer connection on the writer thread (audit appends, alert upserts)."""
         return self._call(fn, timeout)
+
+    def submit_on_writer(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> Future[T]:
+        """Queue fn for the writer thread without waiting (detection's alert upserts)."""
+        fut: Future[T] = Future()
+        with self._cond:
+            if self._stopping or self._thread is None:
+                fut.set_exception(RuntimeError("StoreWriter is not running"))
+                return fut
+            self._requests.append((fn, fut))
+            self._cond.notify_all()
+        return fut
 
     def read_query(self, sql: str, params: list[object] | None = None) -> list[tuple[Any, ...]]:
         """Read from the live store from any thread (UI workers, detection) without blocking the writer.

@@ -1,0 +1,164 @@
+"""The desktop console's composition root: store, ingest, detection and window wired together.
+
+Threads: ingest (its own asyncio loop), the single DuckDB writer, the UI bridge's flusher and
+the Qt GUI thread. The GUI thread never does gRPC or DuckDB I/O: history queries run on
+QThreadPool workers and everything reaches widgets through queued signals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("gpusoc.console.app")
+
+# The running desktop's parts, for the soak script and debugging: writer, fleet, bridge, detection.
+LAST_RUN: dict[str, Any] = {}
+
+Query = Callable[[str, list[object]], list[tuple[Any, ...]]]
+
+
+def _qt_app() -> Any:
+    from PySide6.QtWidgets import QApplication
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setApplicationName("gpusoc-console")
+    app.setOrganizationName("gpusoc")
+    return app
+
+
+def build_panels(window: Any, query: Query | None, bridge: Any | None) -> dict[str, Any]:
+    """Training, drilldown, alerts and events panels, registered as consumers of the bridge."""
+    from PySide6.QtCore import Qt
+
+    from console.models.alerts import AlertsModel, EventsLogModel
+    from console.models.host import HostDrilldownModel
+    from console.models.training import TrainingModel
+    from console.ui.qt_alerts import QtAlertsPanel, QtEventsLog
+    from console.ui.qt_host import QtHostDrilldown
+    from console.ui.qt_training import QtTrainingView
+
+    training = TrainingModel(query)
+    host = HostDrilldownModel(query)
+    events = EventsLogModel(query)
+    panels: dict[str, Any] = {"training_model": training, "host_model": host, "events_model": events}
+    panels["training"] = QtTrainingView(training)
+    panels["host"] = QtHostDrilldown(host)
+    panels["events"] = QtEventsLog(events)
+    window.add_tab(panels["training"], "Training")
+    window.add_tab(panels["host"], "Host")
+    if query is not None:
+        alerts = AlertsModel(query)
+        panels["alerts_model"] = alerts
+        panels["alerts"] = QtAlertsPanel(alerts)
+        window.add_panel(panels["alerts"], "Alerts", Qt.DockWidgetArea.BottomDockWidgetArea)
+    window.add_panel(panels["events"], "Events", Qt.DockWidgetArea.BottomDockWidgetArea)
+
+    def drill(host_name: str, gpu: int) -> None:
+        panels["host"].set_host(host_name)
+        window.tabs.setCurrentWidget(panels["host"])
+
+    window.heatmap.cellActivated.connect(drill)
+    if bridge is not None:
+        for consumer in (training, host, events):
+            bridge.add_consumer(consumer)
+    return panels
+
+
+def run_replay(path: str) -> int:
+    """Open an exported audit file read-only and replay it through the same views."""
+    from console.models.fleet import FleetModel
+    from console.models.replay import ReplaySource
+    from console.ui.qt_main import QtMainWindow
+    from console.ui.qt_replay import QtReplayBar
+
+    app = _qt_app()
+    source = ReplaySource(path)
+    model = FleetModel(clock=lambda: source.position_ns)
+    window = QtMainWindow(model, None)
+    window.setWindowTitle(f"gpusoc console: replay of {Path(path).name} (read-only)")
+    panels = build_panels(window, source.query, None)
+    panels["host"].history_end = lambda: source.position_ns
+    bar = QtReplayBar(source, [model, panels["training_model"], panels["host_model"], panels["events_model"]])
+    from PySide6.QtCore import Qt
+
+    window.add_panel(bar, "Replay", Qt.DockWidgetArea.TopDockWidgetArea)
+    window.resize(1500, 950)
+    window.show()
+    bar.seek(source.start_ns)
+    return int(app.exec())
+
+
+def run_desktop(args: argparse.Namespace) -> int:
+    """`gpusoc-console [--agents ...] [--demo] [--open FILE]`."""
+    if args.open:
+        return run_replay(args.open)
+    from console.cli import tls_from_args
+    from console.detect.runner import DetectionRunner
+    from console.ingest.fleet import AgentSource, FleetIngest
+    from console.ingest.inventory import InventoryError
+    from console.ingest.sink import FanoutSink
+    from console.ingest.tls import ConsoleTls
+    from console.store.writer import StoreWriter
+
+    demo = None
+    if args.demo:
+        from console.demo import start_demo_fleet
+
+        demo = start_demo_fleet(hosts=args.demo_hosts)
+        agents = [str(demo.inventory)]
+        tls: ConsoleTls | None = ConsoleTls(*demo.tls_files)
+        db = args.db or str(demo.directory / "demo.duckdb")
+        print(f"demo: {args.demo_hosts} simulated hosts, mTLS, data in {demo.directory}", flush=True)
+    else:
+        agents = args.agents or [os.environ.get("GPUSOC_CONSOLE_AGENTS", "fleet.txt")]
+        db = args.db or "gpusoc.duckdb"
+        try:
+            entries, _ = AgentSource(agents).entries()
+        except InventoryError as exc:
+            print(f"gpusoc-console: {exc}", file=sys.stderr)
+            return 2
+        tls = tls_from_args(args, [e.address for e in entries])  # type: ignore[assignment]
+    writer = StoreWriter(db)
+    try:
+        writer.start()
+    except Exception as exc:
+        print(f"gpusoc-console: cannot open store {db}: {exc}", file=sys.stderr)
+        if demo:
+            demo.stop()
+        return 2
+
+    from console.models.fleet import FleetModel
+    from console.ui.bridge import QtIngestBridge
+    from console.ui.qt_main import build_main_window
+
+    app = _qt_app()
+    model = FleetModel()
+    bridge = QtIngestBridge(model)
+    window = build_main_window(model, bridge)
+    build_panels(window, writer.read_query, bridge)
+    detection = DetectionRunner(writer).start()
+    fleet = FleetIngest(AgentSource(agents), writer, tls, sink=FanoutSink(detection, bridge))
+    fleet.start_thread()
+    LAST_RUN.update(writer=writer, fleet=fleet, bridge=bridge, detection=detection, window=window)
+    window.setWindowTitle(f"gpusoc console: {db}" + ("  [DEMO: simulated fleet]" if demo else ""))
+    window.resize(1500, 950)
+    window.show()
+    try:
+        rc = int(app.exec())
+    finally:
+        fleet.stop()
+        fleet.join(10)
+        detection.stop()
+        bridge.close()
+        writer.flush(timeout=30)
+        writer.stop()
+        if demo:
+            demo.stop()
+    return rc
+
