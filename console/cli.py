@@ -65,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--db", required=True)
     q.add_argument("sql")
     q.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+    al = sub.add_parser("alerts", help="list the alerts stored in a store or an exported file")
+    al.add_argument("--db", required=True)
+    al.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    al.add_argument("--state", choices=("open", "acknowledged", "resolved"), help="only alerts in this state")
+    al.add_argument("--limit", type=int, default=None)
+
+    d = sub.add_parser("detect", help="run the detectors offline over a collected or exported file")
+    d.add_argument("--db", required=True)
+    d.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    d.add_argument("--store", action="store_true", help="also upsert the alerts into the file's alerts table")
+
+    from console.respond.cli_audit import add_audit_parser
+
+    add_audit_parser(sub)
     return p
 
 
@@ -126,6 +141,29 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(format_json(cols, rows) if args.json else format_table(cols, rows))
         return 0
+    if args.cmd == "alerts":
+        from console.detect.alerts import list_alerts
+
+        try:
+            print(list_alerts(args.db, json=args.json, state=args.state, limit=args.limit))
+        except Exception as exc:
+            print(f"gpusoc-console alerts: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    if args.cmd == "detect":
+        from console.detect.alerts import format_alerts
+        from console.detect.engine import detect_file
+
+        try:
+            print(format_alerts(detect_file(args.db, store=args.store), as_json=args.json))
+        except Exception as exc:
+            print(f"gpusoc-console detect: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    if args.cmd == "audit":
+        from console.respond.cli_audit import run_audit
+
+        return run_audit(args)
     from console.app import run_desktop
 
     return run_desktop(args)

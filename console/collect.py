@@ -30,6 +30,7 @@ def status_line(fleet: FleetIngest, writer: object, started: float) -> str:
         f"agents {len(fleet.clients)} ({', '.join(f'{k} {v}' for k, v in sorted(states.items())) or '-'})"
         f" | frames {frames} ({frames / elapsed:.0f}/s) rejected {rejected}"
         f" | store {getattr(writer, 'status', '?')} committed {stats.get('frames_committed', '?')}"
+        f" | alerts {getattr(fleet.sink, 'raised', 0)}"
     )
 
 
@@ -63,13 +64,17 @@ def run_collect(args: argparse.Namespace) -> int:
         print(f"gpusoc-console collect: {exc}", file=sys.stderr)
         return 2
     tls = tls_from_args(args, [e.address for e in entries])
+    from console.detect.runner import DetectionRunner
+
     writer = StoreWriter(args.db, raw_retention_s=args.raw_retention)
     writer.start()
-    fleet = FleetIngest(source, writer, tls)  # type: ignore[arg-type]
+    detection = DetectionRunner(writer).start()  # alerts land in the alerts table
+    fleet = FleetIngest(source, writer, tls, sink=detection)  # type: ignore[arg-type]
     log.info("collecting from %d agents into %s (%s)", len(entries), args.db, "INSECURE" if tls is None else "mTLS")
     try:
         asyncio.run(collect(fleet, writer, args.status_every))
     finally:
+        detection.stop()
         ok = writer.flush(timeout=30)
         writer.stop()
         if not ok:
