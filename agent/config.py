@@ -39,6 +39,8 @@ DEFAULT_CONFIG_PATH = "/etc/gpusoc/agent.toml"
 ENV_PREFIX = "GPUSOC_AGENT_"
 #: Names the config file when `load_config(path=None)`; such a path is explicit, so it must exist.
 ENV_CONFIG_PATH = "GPUSOC_AGENT_CONFIG"
+# Same prefix, not config keys: the training SDK reads GPUSOC_AGENT_SOCKET (docs/sdk.md).
+ENV_NOT_CONFIG = frozenset({ENV_CONFIG_PATH, "GPUSOC_AGENT_SOCKET"})
 MIB = 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -350,7 +352,7 @@ def load_config(
         values[key] = _validate(key, raw, _typed, f"{where} = {_show(raw)}", file_path)
 
     for name in sorted(env):
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_PATH:
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_CONFIG:
             continue
         key = name[len(ENV_PREFIX) :].lower()
         if key not in _CHECKS:

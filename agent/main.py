@@ -53,6 +53,13 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
 
     control = controller_from_config(c, receiver.jobs, runtime.add_event)  # None without an operator CA
     server, port = await start_server(runtime, c.listen, creds, control)
+    exporter = None
+    if c.metrics_listen:
+        from agent.prometheus import MetricsExporter
+
+        exporter = MetricsExporter.from_listen(c.metrics_listen).start()
+        runtime.frame_listeners.append(exporter.listener(collector.gpus()))
+        log.info("Prometheus /metrics on %s (dcgm-exporter names)", c.metrics_listen)
     log.info("serving %s on %s (port %d), %s, training socket %s, epoch %s",
              c.host, c.listen, port, "INSECURE plaintext" if creds is None else "mTLS",
              receiver.socket_path, buffer.epoch)
@@ -67,6 +74,8 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     runtime.stop()
     await task
     await server.stop(grace=1.0)
+    if exporter is not None:
+        exporter.close()
     receiver.close()
     collector.close()
 
@@ -80,7 +89,7 @@ def run_agent_cli(args: argparse.Namespace) -> int:
     overrides = {
         k: getattr(args, k)
         for k in ("listen", "simulate_gpus", "training_socket", "sample_interval_s", "host",
-                  "tls_cert", "tls_key", "tls_client_ca", "insecure")
+                  "tls_cert", "tls_key", "tls_client_ca", "insecure", "metrics_listen")
         if getattr(args, k, None) is not None
     }
     try:
@@ -105,8 +114,12 @@ def run_agent_cli(args: argparse.Namespace) -> int:
         print(f"gpusoc-agent: {exc}", file=sys.stderr)
         return 4
     except Exception as exc:
+        from agent.prometheus import MetricsUnavailableError
         from agent.tls import TlsFileError
 
+        if isinstance(exc, MetricsUnavailableError):
+            print(f"gpusoc-agent: {exc}", file=sys.stderr)
+            return 2
         if isinstance(exc, TlsFileError):
             print(f"gpusoc-agent: TLS setup failed: {exc}", file=sys.stderr)
             return 2

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -73,6 +74,8 @@ class AgentRuntime:
         # GPU activity by local rank, for the simulator's load (GPU i ~ local rank i).
         self._last_record_ns: dict[int, int] = {}
         self._stop = asyncio.Event()
+        # Called with each new frame on the agent's loop (e.g. the Prometheus exporter); must not block.
+        self.frame_listeners: list[Callable[[Frame], None]] = []
 
     def describe(self) -> Description:
         return Description(
@@ -132,6 +135,8 @@ class AgentRuntime:
         )
         await self.buffer.append(frame.seq, serde.encode_frame(frame))
         self.state.ticks += 1
+        for listener in self.frame_listeners:
+            listener(frame)
         return frame
 
     async def run(self, phase_s: float = 0.0) -> None:

@@ -29,7 +29,21 @@ def _qt_app() -> Any:
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("gpusoc-console")
     app.setOrganizationName("gpusoc")
+    _quit_on_signals(app)
     return app
+
+
+def _quit_on_signals(app: Any) -> None:
+    """Ctrl-C / SIGTERM close the window cleanly (Qt's loop would otherwise swallow them)."""
+    import signal
+
+    from PySide6.QtCore import QTimer
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: app.quit())
+    timer = QTimer(app)  # wakes the interpreter so Python signal handlers get to run
+    timer.timeout.connect(lambda: None)
+    timer.start(250)
 
 
 def build_panels(window: Any, query: Query | None, bridge: Any | None) -> dict[str, Any]:

@@ -38,6 +38,18 @@ def _free_port_block(n: int, start: int = 17000, stop: int = 40000) -> int:
     raise RuntimeError(f"no block of {n} free loopback ports")
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the console dies, so a killed console leaves no fleet behind."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 @dataclass
 class DemoFleet:
     """A running fleet-sim child process and the files a console needs to reach it."""
@@ -77,7 +89,8 @@ def start_demo_fleet(hosts: int = 32, directory: str | None = None, faults: bool
     if faults:
         cmd.append("--faults")
     logf = open(d / "fleet-sim.log", "ab")  # noqa: SIM115 - lives as long as the child
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=dict(os.environ))
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=dict(os.environ),
+                            preexec_fn=_die_with_parent)
     deadline = time.monotonic() + timeout_s
     while not inventory.exists():
         if proc.poll() is not None:
