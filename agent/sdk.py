@@ -317,6 +317,25 @@ class Client:
         self._sock = sock
         return sock
 
+    def update_info(self, info: dict[str, str]) -> None:
+        """Merge strings into the registration and send it again (fingerprints, seeds, checkpoints)."""
+        self.info.update({str(k): str(v) for k, v in info.items()})
+        head = HEADER.pack(MAGIC, VERSION, KIND_INIT, self.rank, self.local_rank, self.world_size,
+                           len(self.job_id.encode())) + self.job_id.encode()
+        head += RECORD.pack(RECORD.size, 0, -1, _NAN, _NAN, _NAN, _NAN)
+        self._init_datagram = head + _encode_info(self.info, MAX_DATAGRAM - len(head))
+        if not self._enabled:
+            return
+        sock = self._sock or self._connect()
+        if sock is None:
+            self.dropped += 1
+            return
+        try:
+            sock.send(self._init_datagram)
+        except OSError:
+            self.dropped += 1
+            self._disconnect()
+
     def _disconnect(self) -> None:
         sock, self._sock = self._sock, None
         self._next_try = time.monotonic() + self.retry_interval_s
@@ -540,6 +559,62 @@ def flush() -> None:
     """Send held records now, e.g. before a long evaluation pause; never raises."""
     if _client is not None:
         _client.flush()
+
+
+def fingerprint(code_paths: list[str] | None = None, config: Any = None, seed: int | None = None) -> dict[str, str]:
+    """Report what this run is: a hash of its code, of its config and its seed; call again on change.
+
+    The agent attaches them to the job's registration; the console alerts when they change during a
+    run or differ between ranks (docs/detection.md). Default code path: the entry script's folder.
+    Never raises into the training loop; returns what was sent.
+    """
+    try:
+        from agent import fingerprint as fp
+
+        paths = code_paths if code_paths is not None else [os.path.dirname(os.path.abspath(sys.argv[0] or "."))]
+        info = {"code_fingerprint": fp.code_fingerprint(paths)}
+        if config is not None:
+            info["config_fingerprint"] = fp.config_fingerprint(config)
+        if seed is not None:
+            info["seed"] = str(int(seed))
+        client = _client or init()
+        client.update_info(info)
+        return info
+    except Exception:
+        return {}
+
+
+def param_checksum(model: Any, sample: int = 4096) -> float:
+    """A cheap checksum of a PyTorch model's parameters: log it as `sdk.log(..., param_checksum=...)`.
+
+    Data-parallel replicas hold identical parameters after each step, so replicas that disagree
+    at the same step are flagged (T4: flipped update directions). NaN if it cannot be computed.
+    """
+    try:
+        from agent.fingerprint import param_checksum as _checksum
+
+        return float(_checksum(model, sample=sample))
+    except Exception:
+        return math.nan
+
+
+def checkpoint_saved(directory: str, step: int, key_path: str, run: str = "") -> str:
+    """Sign a checkpoint directory right after saving it (manifest of SHA-256s + Ed25519).
+
+    Rollbacks only restore signed checkpoints (docs/response.md). Returns the manifest digest, or
+    "" if signing failed (the failure is counted as a drop; the training loop is never interrupted).
+    """
+    client = _client or init()
+    try:
+        from agent.act.checkpoints import sign_checkpoint
+
+        digest = sign_checkpoint(directory, key_path, client.job_id, run or client.job_id, int(step),
+                                 client.world_size)
+        client.update_info({"last_checkpoint": os.path.abspath(directory), "last_checkpoint_step": str(step)})
+        return digest
+    except Exception:
+        client.dropped += 1
+        return ""
 
 
 def stats() -> dict[str, int]:

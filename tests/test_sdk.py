@@ -450,3 +450,45 @@ def test_forked_child_does_not_resend_parent_records(rx: TrainingReceiver) -> No
 def test_wire_constants() -> None:
     assert sdk.RECORD.size == 50  # the hot path packs this length as a literal
     assert sdk.HEADER.size == 18
+
+
+def test_fingerprint_and_checkpoint_reach_the_agent_registration(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """sdk.fingerprint() and sdk.checkpoint_saved() update what the agent knows about the rank."""
+    from agent.pki import create_dev_pki, create_operator
+    from agent.training import TrainingReceiver
+
+    sock = str(tmp_path / "agent.sock")
+    rx = TrainingReceiver(sock)
+    try:
+        sdk.init(job_id="fp-job", rank=0, local_rank=0, world_size=1, socket_path=sock)
+        code = tmp_path / "code"
+        code.mkdir()
+        (code / "train.py").write_text("print('v1')\n")
+        first = sdk.fingerprint([str(code)], config={"lr": 3e-4}, seed=7)
+        (code / "train.py").write_text("print('v2: sabotaged')\n")
+        second = sdk.fingerprint([str(code)], config={"lr": 3e-4}, seed=7)
+        assert first["code_fingerprint"] != second["code_fingerprint"]
+        assert first["config_fingerprint"] == second["config_fingerprint"] and first["seed"] == "7"
+
+        create_dev_pki(tmp_path / "pki", agents=["h"], consoles=["c"])
+        op = create_operator(tmp_path / "pki", "alice", "responder")
+        ckpt = tmp_path / "ckpt"
+        ckpt.mkdir()
+        (ckpt / "model.bin").write_bytes(b"\0" * 64)
+        digest = sdk.checkpoint_saved(str(ckpt), step=100, key_path=str(op.key))
+        assert digest.startswith("sha256:") and (ckpt / "gpusoc-manifest.sig").exists()
+        sdk.flush()
+        deadline = time.monotonic() + 5
+        info: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            rx.drain()
+            reg = rx.jobs().get("fp-job", {}).get(0)
+            info = dict(reg.info) if reg else {}
+            if info.get("last_checkpoint_step") == "100":
+                break
+            time.sleep(0.05)
+        assert info["code_fingerprint"] == second["code_fingerprint"]
+        assert info["last_checkpoint"] == str(ckpt)
+    finally:
+        sdk.close()
+        rx.close()
