@@ -79,6 +79,9 @@ class AgentConfig:
     resume_signers: int = 2  # ... a resume
     rollback_signers: int = 2  # ... a rollback (break-glass: two admins, always)
     rollback_max_steps_back: int = 0  # > 0: floor = newest signed step - this; 0 = only the persisted floor
+    watch_paths: str = ""  # comma-separated folders (job code, shared envs) fingerprinted for changes
+    integrity_packages: str = "torch,transformers,accelerate,deepspeed,megatron-core,numpy"  # RECORD-checked
+    integrity_interval_s: float = 300.0  # seconds between integrity checks, >= 10
     metrics_listen: str = ""  # Prometheus /metrics with dcgm-exporter names, e.g. "0.0.0.0:9400"; "" = off
 
 
@@ -241,6 +244,9 @@ _CHECKS: dict[str, _Checker] = {
     "rollback_signers": _range(1, 8),
     "rollback_max_steps_back": _range(0, None),
     "metrics_listen": _metrics_listen,
+    "watch_paths": _any,
+    "integrity_packages": _any,
+    "integrity_interval_s": _range(10, None),
 }
 _TYPES: dict[str, type] = typing.get_type_hints(AgentConfig)
 

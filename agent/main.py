@@ -12,6 +12,7 @@ from agent.buffer import FrameBuffer
 from agent.collect.base import Collector, NoDriverError
 from agent.config import AgentConfig
 from agent.runtime import AgentRuntime
+from protos.types import Event
 
 log = logging.getLogger("gpusoc.agent")
 
@@ -53,6 +54,19 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
 
     control = controller_from_config(c, receiver.jobs, runtime.add_event)  # None without an operator CA
     server, port = await start_server(runtime, c.listen, creds, control)
+    from agent.integrity import IntegrityMonitor
+
+    loop = asyncio.get_running_loop()
+    integrity = IntegrityMonitor(
+        watch_paths=[p.strip() for p in c.watch_paths.split(",") if p.strip()],
+        check_packages=[p.strip() for p in c.integrity_packages.split(",") if p.strip()],
+        interval_s=c.integrity_interval_s,
+    )
+
+    def to_next_frame(event: Event) -> None:  # called on the integrity thread
+        loop.call_soon_threadsafe(runtime.add_event, event)
+
+    integrity.start(to_next_frame)
     exporter = None
     if c.metrics_listen:
         from agent.prometheus import MetricsExporter
@@ -63,7 +77,6 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     log.info("serving %s on %s (port %d), %s, training socket %s, epoch %s",
              c.host, c.listen, port, "INSECURE plaintext" if creds is None else "mTLS",
              receiver.socket_path, buffer.epoch)
-    loop = asyncio.get_running_loop()
     from agent.cli import install_signal_handlers
 
     stop = asyncio.Event()
@@ -74,6 +87,7 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     runtime.stop()
     await task
     await server.stop(grace=1.0)
+    integrity.stop()
     if exporter is not None:
         exporter.close()
     receiver.close()
