@@ -1,49 +1,67 @@
-"""`gpusoc-console --demo` end to end, headless: a simulated mTLS fleet shows up in the window."""
+"""`gpusoc-console --demo` end to end, headless: a simulated mTLS fleet shows up in the window.
+
+Runs in a child process (offscreen Qt) so the demo's window, timers and signal handlers cannot
+leak into the other GUI tests.
+"""
 
 from __future__ import annotations
 
-import time
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
 
+import duckdb
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DRIVER = r"""
+import json, sys, time
 from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication
-
 import console.app as appmod
 from console.cli import build_parser
 
+app = QApplication(sys.argv[:1])
+db, png = sys.argv[1], sys.argv[2]
+seen = {}
+deadline = time.monotonic() + 90
+
+def check():
+    run = appmod.LAST_RUN
+    win = run.get("window")
+    if win is not None:
+        counts = win.model.state_counts()
+        committed = run["writer"].stats.get("frames_committed", 0)
+        if (counts.get("connected", 0) == 4 and committed >= 8) or time.monotonic() > deadline:
+            win.grab().save(png)
+            seen.update(counts=counts, committed=committed, badge=win.simulated_badge.isVisible(),
+                        title=win.windowTitle(), simulated=win.model.any_simulated)
+            app.quit()
+            return
+    QTimer.singleShot(500, check)
+
+QTimer.singleShot(500, check)
+rc = appmod.run_desktop(build_parser().parse_args(["--demo", "--demo-hosts", "4", "--db", db]))
+seen["rc"] = rc
+print("RESULT " + json.dumps(seen))
+"""
+
 
 @pytest.mark.slow
-def test_demo_fleet_connects_over_mtls_and_is_labelled_simulated(qapp: QApplication, tmp_path: Path) -> None:
-    seen: dict[str, Any] = {}
-    deadline = time.monotonic() + 90
-
-    def check() -> None:
-        run = appmod.LAST_RUN
-        win = run.get("window")
-        if win is not None:
-            counts = win.model.state_counts()
-            committed = run["writer"].stats.get("frames_committed", 0)
-            if (counts.get("connected", 0) == 4 and committed >= 8) or time.monotonic() > deadline:
-                seen.update(counts=counts, committed=committed, badge=win.simulated_badge.isVisible(),
-                            title=win.windowTitle(), simulated=win.model.any_simulated)
-                png = tmp_path / "demo.png"
-                win.grab().save(str(png))
-                seen["png"] = png.stat().st_size
-                qapp.quit()
-                return
-        QTimer.singleShot(500, check)
-
-    QTimer.singleShot(500, check)
-    args = build_parser().parse_args(["--demo", "--demo-hosts", "4", "--db", str(tmp_path / "demo.duckdb")])
-    assert appmod.run_desktop(args) == 0
-    assert seen["counts"]["connected"] == 4, seen
+def test_demo_fleet_connects_over_mtls_and_is_labelled_simulated(tmp_path: Path) -> None:
+    db, png = tmp_path / "demo.duckdb", tmp_path / "demo.png"
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    r = subprocess.run([sys.executable, "-c", DRIVER, str(db), str(png)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=150)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, r.stdout[-2000:] + r.stderr[-2000:]
+    seen = json.loads(line[len("RESULT "):])
+    assert seen["rc"] == 0 and seen["counts"]["connected"] == 4, seen
     assert seen["committed"] >= 8 and seen["badge"] and seen["simulated"], seen
-    assert "DEMO" in seen["title"] and seen["png"] > 10_000
-    # Simulated rows are labelled in the database too.
-    import duckdb
-
-    con = duckdb.connect(str(tmp_path / "demo.duckdb"), read_only=True)
+    assert "DEMO" in seen["title"] and png.stat().st_size > 10_000
+    con = duckdb.connect(str(db), read_only=True)
     real, total = con.execute("SELECT count(*) FILTER (WHERE NOT simulated), count(*) FROM gpu_samples").fetchone()  # type: ignore[misc]
-    assert real == 0 and total > 0
+    assert real == 0 and total > 0  # simulated rows are labelled in the database too

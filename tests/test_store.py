@@ -112,8 +112,9 @@ def test_same_frame_twice_across_flushes_is_stored_once(db: Path) -> None:
 def test_same_frame_twice_in_one_batch_is_stored_once(db: Path) -> None:
     w = StoreWriter(db, flush_interval_s=3600)  # nothing flushes until asked: one batch
     w.start()
-    for _ in range(3):
-        w.submit_frame(frame(seq=7), time.time_ns())
+    with w._cond:  # queue all three before the writer thread can take any
+        for _ in range(3):
+            w.submit_frame(frame(seq=7), time.time_ns())
     assert w.flush(10)
     assert w.stats["flushes"] == 1
     assert w.stats["frames_duplicate"] == 2
@@ -312,9 +313,10 @@ def test_on_commit_reports_max_seq_per_host_and_epoch(db: Path) -> None:
     w = StoreWriter(db, flush_interval_s=3600, on_commit=seen.extend)
     w.start()
     before = time.time_ns()
-    for s in (3, 1, 2):
-        w.submit_frame(frame(seq=s), time.time_ns())
-    w.submit_frame(frame(host="h2", seq=9), time.time_ns())
+    with w._cond:  # one batch, whatever the writer thread's timing
+        for s in (3, 1, 2):
+            w.submit_frame(frame(seq=s), time.time_ns())
+        w.submit_frame(frame(host="h2", seq=9), time.time_ns())
     assert w.flush(10)
     w.stop()
     assert sorted((h, e, s) for h, e, s, _ in seen) == [("h1", "e1", 3), ("h2", "e1", 9)]
