@@ -155,8 +155,9 @@ def run_desktop(args: argparse.Namespace) -> int:
     model = FleetModel()
     bridge = QtIngestBridge(model)
     window = build_main_window(model, bridge)
-    build_panels(window, writer.read_query, bridge)
+    panels = build_panels(window, writer.read_query, bridge)
     detection = DetectionRunner(writer).start()
+    respond = _build_response(window, writer, tls, panels, bridge)
     fleet = FleetIngest(AgentSource(agents), writer, tls, sink=FanoutSink(detection, bridge))
     fleet.start_thread()
     LAST_RUN.update(writer=writer, fleet=fleet, bridge=bridge, detection=detection, window=window)
@@ -169,6 +170,8 @@ def run_desktop(args: argparse.Namespace) -> int:
         fleet.stop()
         fleet.join(10)
         detection.stop()
+        respond["timer"].stop()
+        respond["dispatcher"].close()
         bridge.close()
         writer.flush(timeout=30)
         writer.stop()
@@ -176,3 +179,36 @@ def run_desktop(args: argparse.Namespace) -> int:
             demo.stop()
     return rc
 
+
+
+def _build_response(window: Any, writer: Any, tls: Any, panels: dict[str, Any], bridge: Any) -> dict[str, Any]:
+    """The Response tab: signed freeze/resume/rollback with two-person approval, audited."""
+    from PySide6.QtCore import QTimer
+
+    from console.models.respond import ResponseModel
+    from console.respond.approvals import ApprovalStore
+    from console.respond.audit import AuditChain, load_or_create_audit_key
+    from console.respond.commands import (
+        CommandDispatcher,
+        ReceiptKeyPins,
+        default_state_dir,
+        job_hosts,
+        store_address_of,
+    )
+    from console.ui.qt_respond import QtResponsePanel
+
+    state_dir = default_state_dir()  # $GPUSOC_CONSOLE_STATE_DIR or ~/.local/state/gpusoc/console
+    audit = AuditChain(writer.run_on_writer, signing_key=load_or_create_audit_key(state_dir / "audit-key.pem"))
+    dispatcher = CommandDispatcher(store_address_of(writer.read_query), tls, audit,
+                                   pins=ReceiptKeyPins(state_dir / "receipt-keys.json"), actor="console")
+    model = ResponseModel(dispatcher, hosts_of=lambda job: job_hosts(writer.read_query, job),
+                          approvals=ApprovalStore(writer.run_on_writer), audit=audit,
+                          submit_on_writer=writer.submit_on_writer, query=writer.read_query)
+    panel = QtResponsePanel(model, training=panels["training_model"])
+    window.add_tab(panel, "Response")
+    panels["training"].jobSelected.connect(panel.select_job)
+    bridge.add_consumer(model)  # the "telemetry advanced while frozen" rule watches live frames
+    timer = QTimer(window)  # signs the audit chain's head every so often (off the GUI thread)
+    timer.timeout.connect(lambda: writer.submit_on_writer(lambda _con: audit.sign_if_due()))
+    timer.start(5000)
+    return {"audit": audit, "dispatcher": dispatcher, "model": model, "panel": panel, "timer": timer}

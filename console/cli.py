@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     from console.respond.cli_audit import add_audit_parser
 
     add_audit_parser(sub)
+    from console.respond.cli_command import add_command_parser
+
+    add_command_parser(sub)
     return p
 
 
@@ -164,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         from console.respond.cli_audit import run_audit
 
         return run_audit(args)
+    if args.cmd == "command":
+        from console.respond.cli_command import run_command
+
+        return run_command(args)
     from console.app import run_desktop
 
     return run_desktop(args)
