@@ -50,6 +50,7 @@ T = TypeVar("T")
 CommitInfo = tuple[str, str, int, int]
 
 ROLLUP_BUCKET_S: Final = 60
+DEFAULT_MEMORY_LIMIT: Final = "256MB"  # DuckDB buffer pool of the console's store
 _TS: Final = pa.timestamp("us", tz="UTC")
 _MAX_SEQ: Final = 2**63 - 1
 
@@ -172,8 +173,10 @@ class StoreWriter:
         on_status: Callable[[str], None] | None = None,
         fault_hook: Callable[[str], None] | None = None,
         threads: int | None = None,
+        memory_limit: str | None = DEFAULT_MEMORY_LIMIT,
     ) -> None:
         self.db_path = Path(db_path)
+        self.memory_limit = memory_limit
         self.flush_interval_s = float(flush_interval_s)
         self.max_batch_frames = int(max_batch_frames)
         self.max_queue_frames = int(max_queue_frames if max_queue_frames is not None else 2 * max_batch_frames)
@@ -522,6 +525,10 @@ class StoreWriter:
         config: dict[str, Any] = {}
         if self._threads:
             config["threads"] = self._threads
+        if self.memory_limit:
+            # DuckDB's default (80% of RAM) lets its block cache grow with the file: a console's
+            # RSS would climb for as long as it runs. Bounded here; queries spill beyond it.
+            config["memory_limit"] = self.memory_limit
         try:
             con = duckdb.connect(str(self.db_path), config=config)
         except (duckdb.IOException, duckdb.ConnectionException) as exc:
