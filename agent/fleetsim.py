@@ -154,6 +154,8 @@ async def _serve_slice(indices: list[int], args: argparse.Namespace, start_ns: i
     await stop.wait()
     for rt in runtimes:
         rt.stop()
+    for t in tasks[len(runtimes):]:  # the fault injector loops forever
+        t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.gather(*(s.stop(0.5) for s in servers))
 
@@ -256,4 +258,6 @@ def run_fleet(args: argparse.Namespace, ready_timeout: float = 120.0) -> int:
             p.terminate()
     for p, _ in procs:
         p.join(10)
+        if p.is_alive():
+            p.kill()
     return 0
