@@ -26,6 +26,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", help="agent certificate (PEM)")
     p.add_argument("--tls-key", help="agent private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA that console certificates must chain to (PEM)")
+    p.add_argument("--no-spool", dest="spool", action="store_false", default=None,
+                   help="keep history in memory only (default: durable spool under the state dir)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help="serve Prometheus /metrics with dcgm-exporter names (default: off)")
     p.add_argument("--insecure", action="store_true", default=None,

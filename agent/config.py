@@ -67,8 +67,9 @@ class AgentConfig:
     sample_interval_s: float = 1.0  # 0.1 .. 60
     simulate_gpus: int = 0  # 0 = real NVML; 1..64 simulated GPUs
     training_socket: str = ""  # "" = the SDK's default socket path
-    buffer_seconds: float = 3600.0  # history kept in memory, >= 60
-    buffer_max_bytes: int = 64 * MIB
+    buffer_seconds: float = 3600.0  # history kept (spool: soft age bound), >= 60
+    buffer_max_bytes: int = 64 * MIB  # spool: soft size bound; hard bound 2x for frames no console stored
+    spool: bool = True  # durable on-disk spool under <state_dir>/spool; false = memory only
     state_dir: str = "/var/lib/gpusoc"
     log_level: str = "info"  # debug | info | warning | error
     # Response (docs/response.md): signed control commands and signed-checkpoint rollback.
@@ -244,6 +245,7 @@ _CHECKS: dict[str, _Checker] = {
     "rollback_signers": _range(1, 8),
     "rollback_max_steps_back": _range(0, None),
     "metrics_listen": _metrics_listen,
+    "spool": _any,
     "watch_paths": _any,
     "integrity_packages": _any,
     "integrity_interval_s": _range(10, None),

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import math
 import sys
+from pathlib import Path
 
 from agent.buffer import FrameBuffer
 from agent.collect.base import Collector, NoDriverError
@@ -41,7 +42,17 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
 
     interval = float(c.sample_interval_s)
     max_frames = max(60, math.ceil(float(c.buffer_seconds) / interval))
-    buffer = FrameBuffer(max_frames=max_frames, max_bytes=int(c.buffer_max_bytes))
+    buffer: FrameBuffer | None = None
+    if c.spool:
+        from agent.spool import SpoolBuffer, SpoolError
+
+        try:
+            buffer = SpoolBuffer(Path(c.state_dir) / "spool", max_bytes=int(c.buffer_max_bytes),
+                                 max_age_s=float(c.buffer_seconds))
+        except (SpoolError, OSError) as exc:
+            log.error("%s: falling back to the in-memory buffer (a restart loses unsent frames)", exc)
+    if buffer is None:
+        buffer = FrameBuffer(max_frames=max_frames, max_bytes=int(c.buffer_max_bytes))
     # Poll every 5 ms while a loop logs, back to a blocking wait after 20 ms idle:
     # about 1% of a core with a loop logging at 10 Hz (docs/benchmarks.md).
     receiver = TrainingReceiver(c.training_socket or None, poll_interval_s=0.005, idle_after_s=0.02)
@@ -50,9 +61,13 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     creds = None
     if not c.insecure:
         creds = load_server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
-    from agent.act.controller import controller_from_config
+    control = None
+    if c.operator_ca and Path(c.operator_ca).is_file():  # else commands are refused (no crypto loaded: -10 MB)
+        from agent.act.controller import controller_from_config
 
-    control = controller_from_config(c, receiver.jobs, runtime.add_event)  # None without an operator CA
+        control = controller_from_config(c, receiver.jobs, runtime.add_event)
+    else:
+        log.warning("control commands disabled: operator CA %s not found", c.operator_ca or "(unset)")
     server, port = await start_server(runtime, c.listen, creds, control)
     from agent.integrity import IntegrityMonitor
 
@@ -87,6 +102,9 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     runtime.stop()
     await task
     await server.stop(grace=1.0)
+    close_buffer = getattr(buffer, "close", None)
+    if close_buffer is not None:
+        close_buffer()
     integrity.stop()
     if exporter is not None:
         exporter.close()
@@ -103,7 +121,7 @@ def run_agent_cli(args: argparse.Namespace) -> int:
     overrides = {
         k: getattr(args, k)
         for k in ("listen", "simulate_gpus", "training_socket", "sample_interval_s", "host",
-                  "tls_cert", "tls_key", "tls_client_ca", "insecure", "metrics_listen")
+                  "tls_cert", "tls_key", "tls_client_ca", "insecure", "metrics_listen", "spool")
         if getattr(args, k, None) is not None
     }
     try:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gpusoc.agent.serve")
 
 MAX_SUBSCRIBERS = 32
+DURABLE_METADATA_KEY = "x-gpusoc-durable"  # the console's durably stored position, "EPOCH:SEQ"
 # Keepalive: notice a dead console within ~30 s; allow consoles to ping every 10 s.
 SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
@@ -36,6 +37,8 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 64 * 1024),
+    # A second agent on a port in use must fail, not share connections with the first.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -62,6 +65,22 @@ def peer_of(context: grpc.aio.ServicerContext) -> Peer:
     return Peer(authenticated=transport == "ssl" and has_cert, name=name or context.peer(), transport=transport)
 
 
+def apply_durable_position(buffer: object, context: grpc.aio.ServicerContext) -> None:
+    """Tell a spool what the console has durably stored (metadata `x-gpusoc-durable: EPOCH:SEQ`).
+
+    Data at or below that position may then be evicted first (docs/reliability.md); a buffer
+    without `acknowledge` (the in-memory FrameBuffer) ignores it. Malformed values are ignored.
+    """
+    acknowledge = getattr(buffer, "acknowledge", None)
+    if acknowledge is None:
+        return
+    for key, value in context.invocation_metadata() or ():
+        if key == DURABLE_METADATA_KEY and isinstance(value, str):
+            epoch, _, seq = value.rpartition(":")
+            if epoch and seq.isdigit() and len(seq) < 20:
+                acknowledge(epoch, int(seq))
+
+
 class AgentService:
     """Subscribe/Describe handlers over an AgentRuntime's buffer, plus the control RPCs."""
 
@@ -77,6 +96,7 @@ class AgentService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
         buf = self.runtime.buffer
+        apply_durable_position(buf, context)
         try:
             cursor, gaps = buf.start_cursor(req.epoch, req.after_seq, req.from_now)
         except ValueError as exc:

@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             print(f"gpusoc-console export: {exc}", file=sys.stderr)
             return 1
-        print(info)
+        import json
+
+        print(json.dumps(info, default=str, indent=1))
         return 0
     if args.cmd == "query":
         from console.store.query import QueryError, format_json, format_table, run_query

@@ -13,9 +13,12 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
+from typing import Any
 
 from console.ingest.fleet import AgentSource, FleetIngest
-from console.ingest.inventory import InventoryError
+from console.ingest.inventory import AgentEntry, InventoryError
+from console.respond.audit import AuditChain
 
 log = logging.getLogger("gpusoc.console.collect")
 
@@ -69,6 +72,7 @@ def run_collect(args: argparse.Namespace) -> int:
     writer = StoreWriter(args.db, raw_retention_s=args.raw_retention)
     writer.start()
     detection = DetectionRunner(writer).start()  # alerts land in the alerts table
+    audit = _start_audit(writer, entries)
     fleet = FleetIngest(source, writer, tls, sink=detection)  # type: ignore[arg-type]
     log.info("collecting from %d agents into %s (%s)", len(entries), args.db, "INSECURE" if tls is None else "mTLS")
     try:
@@ -76,7 +80,28 @@ def run_collect(args: argparse.Namespace) -> int:
     finally:
         detection.stop()
         ok = writer.flush(timeout=30)
+        if audit is not None:
+            audit.append("collector", "collect.stop", None, {"flushed": ok})
+            audit.sign_head()
         writer.stop()
         if not ok:
             log.error("could not commit everything before exit; agents still hold the rest")
     return 0
+
+
+def _start_audit(writer: Any, entries: Sequence[AgentEntry]) -> AuditChain | None:
+    """Audit the collector's own start/stop with signed heads, so exports verify (docs/audit.md)."""
+    from console.respond.audit import load_or_create_audit_key
+    from console.respond.commands import default_state_dir
+
+    try:
+        key_path = default_state_dir() / "audit-key.pem"
+        chain = AuditChain(writer.run_on_writer, signing_key=load_or_create_audit_key(key_path))
+        chain.append("collector", "collect.start", None, {"agents": [e.address for e in entries]})
+        chain.sign_head()
+        log.info("audit chain head signed with %s (pin its public key: gpusoc-console audit pubkey %s)",
+                 (chain.key_id or "?")[:16], key_path)
+        return chain
+    except Exception as exc:  # the audit key is unusable: say so, keep collecting
+        log.error("audit chain disabled: %s", exc)
+        return None

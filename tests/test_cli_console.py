@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,9 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _console(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _console(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "console.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, env=env)
 
 
 def test_version_and_help() -> None:
@@ -53,13 +54,14 @@ def test_collect_export_query_alerts_round_trip(tmp_path: Path) -> None:
                             "--base-port", "45500", "--processes", "1", "--insecure", "--inventory", str(inv)],
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = tmp_path / "store.duckdb"
+    env = {**os.environ, "GPUSOC_CONSOLE_STATE_DIR": str(tmp_path / "state")}
     try:
         deadline = time.monotonic() + 60
         while not inv.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         col = subprocess.Popen([sys.executable, "-m", "console.cli", "collect", "--agents", str(inv), "--db", str(db),
                                 "--insecure", "--status-every", "1"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True, env=env)
         time.sleep(8)
         col.send_signal(signal.SIGTERM)
         out, _ = col.communicate(timeout=30)
@@ -76,6 +78,11 @@ def test_collect_export_query_alerts_round_trip(tmp_path: Path) -> None:
     assert r.returncode == 0 and json.loads(r.stdout.splitlines()[0]) == {"hosts": 3, "sim": True}
     r = _console("alerts", "--db", str(audit), "--json")
     assert r.returncode == 0
+    # The collector's start/stop are in the signed audit chain; the export verifies against its pinned key.
+    pub = tmp_path / "audit.pub"
+    assert _console("audit", "pubkey", str(tmp_path / "state" / "audit-key.pem"), "--out", str(pub)).returncode == 0
+    r = _console("audit", "verify", str(audit), "--trust", str(pub))
+    assert r.returncode == 0, r.stdout + r.stderr
     con = duckdb.connect(str(audit), read_only=True)
     frames = con.execute("SELECT host, count(*), max(seq) - min(seq) + 1 FROM frames GROUP BY host").fetchall()
     assert len(frames) == 3 and all(n == span for _, n, span in frames)  # no holes, no duplicates

@@ -36,6 +36,9 @@ from protos.types import Description, Frame, Gap, SubscribeRequest, WireError
 
 log = logging.getLogger("gpusoc.console.ingest")
 
+# gRPC metadata on Subscribe: "EPOCH:SEQ" this console has durably stored (agent/serve.py reads it).
+DURABLE_METADATA_KEY = "x-gpusoc-durable"
+
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 15_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -179,11 +182,25 @@ class AgentClient:
             epoch, after = self.position or ("", 0)
             subscribe = channel.unary_stream(serde.SUBSCRIBE_METHOD, request_serializer=serde.encode_subscribe_request,
                                              response_deserializer=lambda b: b)
-            call = subscribe(SubscribeRequest(epoch=epoch, after_seq=after))
+            durable = self._durable_position()
+            metadata = ((DURABLE_METADATA_KEY, f"{durable[0]}:{durable[1]}"),) if durable else None
+            call = subscribe(SubscribeRequest(epoch=epoch, after_seq=after), metadata=metadata)
             self.stats.connects += 1
             self._set(CONNECTED, f"resumed after {epoch[:8]}:{after}" if epoch else "from oldest held")
             async for raw in call:
                 await self._handle(raw)
+
+    def _durable_position(self) -> tuple[str, int] | None:
+        """What the store holds durably for this host, for the agent's spool (docs/reliability.md).
+
+        The checkpointed position when the store tracks one (its WAL alone may not replay),
+        else the committed one; the agent may evict data at or below it first.
+        """
+        checkpointed = getattr(self.store, "last_checkpointed", None)
+        if checkpointed is not None:
+            pos: tuple[str, int] | None = checkpointed(self.host)
+            return pos
+        return self.store.last_committed(self.host)
 
     async def _handle(self, raw: bytes) -> None:
         while not self.store.accepting:
@@ -201,6 +218,8 @@ class AgentClient:
             self.store.submit_gap(self.host, item)
             if self.sink:
                 self.sink.on_gap(self.host, item)
+            if self.position is not None and item.epoch == self.position[0] and item.last_seq:
+                self.position = (item.epoch, max(self.position[1], item.last_seq))  # recorded once, not again
             self._set(GAP, f"agent no longer holds {item.epoch[:8]}:{item.first_seq}..{item.last_seq or 'end'}"
                       f" ({item.reason})")
             return
