@@ -158,6 +158,9 @@ def run_desktop(args: argparse.Namespace) -> int:
     panels = build_panels(window, writer.read_query, bridge)
     detection = DetectionRunner(writer).start()
     respond = _build_response(window, writer, tls, panels, bridge)
+    panels["alerts_model"].change_state = _alert_state_changer(writer, detection, respond["audit"])
+    panels["alerts"].ack_button.setEnabled(True)
+    panels["alerts"].resolve_button.setEnabled(True)
     fleet = FleetIngest(AgentSource(agents), writer, tls, sink=FanoutSink(detection, bridge))
     fleet.start_thread()
     LAST_RUN.update(writer=writer, fleet=fleet, bridge=bridge, detection=detection, window=window)
@@ -212,3 +215,21 @@ def _build_response(window: Any, writer: Any, tls: Any, panels: dict[str, Any], 
     timer.timeout.connect(lambda: writer.submit_on_writer(lambda _con: audit.sign_if_due()))
     timer.start(5000)
     return {"audit": audit, "dispatcher": dispatcher, "model": model, "panel": panel, "timer": timer}
+
+
+def _alert_state_changer(writer: Any, detection: Any, audit: Any) -> Callable[[str, str], None]:
+    """Acknowledge/resolve from the alerts panel: stored, known to detection, and audited."""
+    import getpass
+
+    operator = getpass.getuser()
+
+    def change(alert_id: str, state: str) -> None:  # on a worker thread
+        writer.run_on_writer(lambda con: con.execute(
+            "UPDATE alerts SET state = ?, updated_at = now() WHERE alert_id = ?", [state, alert_id]))
+        if state == "acknowledged":
+            detection.engine.acknowledge(alert_id)
+        elif state == "resolved":
+            detection.engine.resolve(alert_id)
+        audit.append(operator, f"alert.{state}", alert_id, {"alert_id": alert_id, "state": state})
+
+    return change

@@ -9,7 +9,7 @@ start/stop, ...) from frames, newest first and bounded.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -114,9 +114,13 @@ class AlertsModel:
     alerts) and again in memory (so the table changes the moment the filter does).
     """
 
-    def __init__(self, query: Query, limit: int = 500) -> None:
+    def __init__(self, query: Query, limit: int = 500,
+                 change_state: Callable[[str, str], None] | None = None) -> None:
         self._query = query
         self._limit = limit
+        # Set by the app: stores the new state, tells detection, appends to the audit chain.
+        # Runs on a worker thread (it does I/O); None = read-only panel (replay).
+        self.change_state = change_state
         self._rows: list[AlertRow] = []
         self._state_filter: str | None = None
         self._seen_states: set[str] = set(DEFAULT_ALERT_STATES)

@@ -170,6 +170,12 @@ class QtAlertsPanel(QWidget):
         top.addWidget(QLabel("State"))
         top.addWidget(self.state_combo)
         top.addWidget(self.count_label, 1)
+        self.ack_button = QPushButton("Acknowledge")
+        self.resolve_button = QPushButton("Resolve")
+        for button, state in ((self.ack_button, "acknowledged"), (self.resolve_button, "resolved")):
+            button.setEnabled(model.change_state is not None)
+            button.clicked.connect(lambda _=False, st=state: self.set_selected_state(st))
+            top.addWidget(button)
         top.addWidget(self.refresh_button)
 
         self.table_model = RowsTableModel(ALERT_HEADERS, _alert_cell, _severity_color)
@@ -192,6 +198,21 @@ class QtAlertsPanel(QWidget):
         """Query the store on a worker; the table updates when the answer arrives."""
         state = self.model.state_filter
         self._flight.submit(lambda: (state, self.model.fetch(state)), self._on_fetched)
+
+    def set_selected_state(self, state: str) -> None:
+        """Acknowledge or resolve the selected alerts (stored, told to detection, audited) on a worker."""
+        change = self.model.change_state
+        if change is None:
+            return
+        ids = sorted({self.table_model.row(i.row()).alert_id for i in self.table.selectionModel().selectedRows()})
+        if not ids:
+            return
+
+        def work() -> None:
+            for alert_id in ids:
+                change(alert_id, state)
+
+        self._flight.submit(work, lambda _r: self.request_refresh())
 
     def set_state_filter(self, state: str | None) -> None:
         """Show only alerts in `state` (None = all) and refresh."""
