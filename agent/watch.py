@@ -67,7 +67,10 @@ async def watch(args: argparse.Namespace) -> int:
             if args.count and n >= args.count:
                 break
     except grpc.aio.AioRpcError as exc:
-        print(f"gpusoc-agent watch: {args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        hint = ""
+        if args.insecure and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            hint = " (an agent started without --insecure needs mTLS: give --ca, --cert and --key)"
+        print(f"gpusoc-agent watch: {args.address}: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
         return 1
     finally:
         await channel.close(None)

@@ -31,7 +31,7 @@ def status_line(fleet: FleetIngest, writer: object, started: float) -> str:
     elapsed = max(time.monotonic() - started, 1e-9)
     return (
         f"agents {len(fleet.clients)} ({', '.join(f'{k} {v}' for k, v in sorted(states.items())) or '-'})"
-        f" | frames {frames} ({frames / elapsed:.0f}/s) rejected {rejected}"
+        f" | frames {frames} ({frames / elapsed:.0f}/s since start) rejected {rejected}"
         f" | store {getattr(writer, 'status', '?')} committed {stats.get('frames_committed', '?')}"
         f" | alerts {getattr(fleet.sink, 'raised', 0)}"
     )
