@@ -307,6 +307,54 @@ def _make_ca(role: Role, now: dt.datetime, days: int) -> _Pair:
     return cert, key
 
 
+def _leaf_builder(
+    name: str, ou: str, public_key: PublicKeyTypes, ca: _Pair, now: dt.datetime, not_after: dt.datetime,
+    *, content_commitment: bool,
+) -> x509.CertificateBuilder:
+    """What every leaf (agent, console, operator) shares: subject O/OU/CN, validity, key ids, not a CA."""
+    ca_cert, ca_key = ca
+    try:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+            ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        )
+    except x509.ExtensionNotFound:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORG),
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou),
+                    x509.NameAttribute(NameOID.COMMON_NAME, name),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=content_commitment,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)  # type: ignore[arg-type]
+        .add_extension(aki, critical=False)
+    )
+
+
 def _make_leaf(role: Role, name: str, ca: _Pair, now: dt.datetime, days: int) -> _Pair:
     ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
@@ -324,47 +372,8 @@ def _make_leaf(role: Role, name: str, ca: _Pair, now: dt.datetime, days: int) ->
     else:
         san = []  # consoles are identified by CN alone; they never serve TLS
         eku = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    try:
-        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-            ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        )
-    except x509.ExtensionNotFound:
-        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORG),
-                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-                    x509.NameAttribute(NameOID.COMMON_NAME, name),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(aki, critical=False)
-    )
+    builder = _leaf_builder(name, role, key.public_key(), ca, now, not_after, content_commitment=False)
+    builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
     if san:
         builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
     return builder.sign(ca_key, hashes.SHA256()), key
@@ -653,46 +662,9 @@ def _make_operator_leaf(
     ca_cert, ca_key = ca
     key = Ed25519PrivateKey.generate()
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    try:
-        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-            ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        )
-    except x509.ExtensionNotFound:
-        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORG),
-                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-                    x509.NameAttribute(NameOID.COMMON_NAME, name),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=True,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(aki, critical=False)
-        .sign(ca_key, hashes.SHA256())
+    # content_commitment: operator signatures stand for decisions (non-repudiation).
+    cert = _leaf_builder(name, role, key.public_key(), ca, now, not_after, content_commitment=True).sign(
+        ca_key, hashes.SHA256()
     )
     return cert, key
 
