@@ -18,15 +18,12 @@ from protos.types import Event
 log = logging.getLogger("gpusoc.agent")
 
 
-def make_collector(simulate_gpus: int, host: str, runtime_ref: list[AgentRuntime]) -> Collector:
+def make_collector(simulate_gpus: int, host: str) -> Collector:
     """NVML unless simulation was asked for; NoDriverError propagates with its one-line message."""
     if simulate_gpus > 0:
         from agent.collect.simulated import SimulatedCollector
 
-        return SimulatedCollector(
-            simulate_gpus, host=host,
-            load_source=lambda: runtime_ref[0].gpu_activity() if runtime_ref else {},
-        )
+        return SimulatedCollector(simulate_gpus, host=host)  # serve_forever points its load at the runtime
     from agent.collect.nvml import NvmlCollector
 
     collector = NvmlCollector()
@@ -57,7 +54,10 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     # about 1% of a core with a loop logging at 10 Hz (docs/benchmarks.md).
     receiver = TrainingReceiver(c.training_socket or None, poll_interval_s=0.005, idle_after_s=0.02)
     runtime = AgentRuntime(c.host, collector, buffer, interval, training=receiver)
-    runtime_ref.append(runtime)
+    from agent.collect.simulated import SimulatedCollector
+
+    if isinstance(collector, SimulatedCollector):
+        collector.load_source = runtime.gpu_activity  # GPUs run hot while their ranks log
     creds = None
     if not c.insecure:
         creds = load_server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
@@ -112,9 +112,6 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     collector.close()
 
 
-runtime_ref: list[AgentRuntime] = []
-
-
 def run_agent_cli(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, enforce_insecure_loopback, load_config
 
@@ -130,7 +127,7 @@ def run_agent_cli(args: argparse.Namespace) -> int:
         print(f"gpusoc-agent: config error: {exc}", file=sys.stderr)
         return 2
     try:
-        collector = make_collector(cfg.simulate_gpus, cfg.host, runtime_ref)
+        collector = make_collector(cfg.simulate_gpus, cfg.host)
     except NoDriverError as exc:
         print(f"gpusoc-agent: {exc}", file=sys.stderr)
         return 3

@@ -46,7 +46,8 @@ class SimulatedCollector:
         self.n_gpus = n_gpus
         self.host = host
         self._rng = np.random.default_rng(zlib.crc32(host.encode()) if seed is None else seed)
-        self._load_source = load_source
+        # Set after construction when the load comes from the runtime that owns this collector.
+        self.load_source = load_source
         self._temp = np.full(n_gpus, 34.0, dtype=np.float64)
         self._util = np.zeros(n_gpus, dtype=np.float64)
         self._ecc_corrected = np.zeros(n_gpus, dtype=np.float64)
@@ -97,8 +98,8 @@ class SimulatedCollector:
         n = self.n_gpus
         rng = self._rng
         load = np.zeros(n)
-        if self._load_source is not None:
-            for gpu, activity in self._load_source().items():
+        if self.load_source is not None:
+            for gpu, activity in self.load_source().items():
                 if 0 <= gpu < n:
                     load[gpu] = min(max(activity, 0.0), 1.0)
         target_util = 3.0 + 94.0 * load
