@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -20,18 +21,32 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", help="HOST:PORT to serve gRPC on (default 0.0.0.0:7443)")
     p.add_argument("--simulate-gpus", type=int, metavar="N", help="simulate N GPUs instead of NVML")
     p.add_argument("--training-socket", metavar="PATH", help="Unix socket the training SDK sends to")
-    p.add_argument("--sample-interval", type=float, dest="sample_interval_s", metavar="SECONDS",
-                   help="seconds between frames (0.1..60, default 1)")
+    p.add_argument(
+        "--sample-interval",
+        type=float,
+        dest="sample_interval_s",
+        metavar="SECONDS",
+        help="seconds between frames (0.1..60, default 1)",
+    )
     p.add_argument("--host", help="host identity in frames (default: hostname; must match the cert CN)")
     p.add_argument("--tls-cert", help="agent certificate (PEM)")
     p.add_argument("--tls-key", help="agent private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA that console certificates must chain to (PEM)")
-    p.add_argument("--no-spool", dest="spool", action="store_false", default=None,
-                   help="keep history in memory only (default: durable spool under the state dir)")
-    p.add_argument("--metrics-listen", metavar="HOST:PORT",
-                   help="serve Prometheus /metrics with dcgm-exporter names (default: off)")
-    p.add_argument("--insecure", action="store_true", default=None,
-                   help="plaintext, no client auth: binds loopback only and warns")
+    p.add_argument(
+        "--no-spool",
+        dest="spool",
+        action="store_false",
+        default=None,
+        help="keep history in memory only (default: durable spool under the state dir)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics with dcgm-exporter names (default: off)",
+    )
+    p.add_argument(
+        "--insecure", action="store_true", default=None, help="plaintext, no client auth: binds loopback only and warns"
+    )
 
 
 def _add_pki(sub: argparse._SubParsersAction) -> None:
@@ -39,10 +54,20 @@ def _add_pki(sub: argparse._SubParsersAction) -> None:
     psub = p.add_subparsers(dest="pki_cmd", required=True)
     init = psub.add_parser("init", help="create (or extend) a dev PKI: agent CA, console CA, certs")
     init.add_argument("--out", required=True, help="directory to write into")
-    init.add_argument("--agent", action="append", default=[], metavar="HOST",
-                      help="agent host name to issue a server certificate for (repeatable)")
-    init.add_argument("--console", action="append", default=[], metavar="NAME",
-                      help="console name to issue a client certificate for (repeatable)")
+    init.add_argument(
+        "--agent",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="agent host name to issue a server certificate for (repeatable)",
+    )
+    init.add_argument(
+        "--console",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="console name to issue a client certificate for (repeatable)",
+    )
     init.add_argument("--days", type=int, default=30, help="validity of new certificates")
     init.add_argument("--overwrite", action="store_true", help="replace existing files")
     op = psub.add_parser(
@@ -85,9 +110,23 @@ def _add_checkpoint(sub: argparse._SubParsersAction) -> None:
 def _add_watch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("watch", help="live text view of an agent's frame stream")
     p.add_argument("address", help="HOST:PORT of the agent")
-    p.add_argument("--ca", help="agent CA (PEM) to verify the agent with")
-    p.add_argument("--cert", help="console certificate (PEM)")
-    p.add_argument("--key", help="console private key (PEM)")
+    # Same defaults as gpusoc-console (docs/pki.md), so on a console machine no flags are needed.
+    tls_dir = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "gpusoc" / "tls"
+    p.add_argument(
+        "--ca",
+        default=os.environ.get("GPUSOC_CONSOLE_TLS_CA", str(tls_dir / "agent-ca.pem")),
+        help="agent CA (PEM) to verify the agent with (default: $GPUSOC_CONSOLE_TLS_CA or %(default)s)",
+    )
+    p.add_argument(
+        "--cert",
+        default=os.environ.get("GPUSOC_CONSOLE_TLS_CERT", str(tls_dir / "console.pem")),
+        help="console certificate (PEM) (default: $GPUSOC_CONSOLE_TLS_CERT or %(default)s)",
+    )
+    p.add_argument(
+        "--key",
+        default=os.environ.get("GPUSOC_CONSOLE_TLS_KEY", str(tls_dir / "console.key")),
+        help="console private key (PEM) (default: $GPUSOC_CONSOLE_TLS_KEY or %(default)s)",
+    )
     p.add_argument("--insecure", action="store_true", help="plaintext (agent started with --insecure)")
     p.add_argument("--count", type=int, default=0, help="stop after N frames (0 = forever)")
 
@@ -136,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         from agent.pki import PkiError, create_dev_pki
 
         try:
-            paths = create_dev_pki(Path(args.out), agents=args.agent, consoles=args.console,
-                                   days=args.days, overwrite=args.overwrite)
+            paths = create_dev_pki(
+                Path(args.out), agents=args.agent, consoles=args.console, days=args.days, overwrite=args.overwrite
+            )
         except (PkiError, FileExistsError) as exc:
             print(f"gpusoc-agent pki: {exc}", file=sys.stderr)
             return 2

@@ -34,7 +34,7 @@ def make_collector(simulate_gpus: int, host: str) -> Collector:
 async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     """Run the tick loop and the gRPC server until SIGINT/SIGTERM."""
     from agent.serve import start_server
-    from agent.tls import load_server_credentials
+    from agent.tls import check_host_matches_certificate, load_server_credentials
     from agent.training import TrainingReceiver
 
     interval = float(c.sample_interval_s)
@@ -44,8 +44,9 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
         from agent.spool import SpoolBuffer, SpoolError
 
         try:
-            buffer = SpoolBuffer(Path(c.state_dir) / "spool", max_bytes=int(c.buffer_max_bytes),
-                                 max_age_s=float(c.buffer_seconds))
+            buffer = SpoolBuffer(
+                Path(c.state_dir) / "spool", max_bytes=int(c.buffer_max_bytes), max_age_s=float(c.buffer_seconds)
+            )
         except (SpoolError, OSError) as exc:
             log.error("%s: falling back to the in-memory buffer (a restart loses unsent frames)", exc)
     if buffer is None:
@@ -61,6 +62,7 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     creds = None
     if not c.insecure:
         creds = load_server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
+        check_host_matches_certificate(c.host, c.tls_cert)
     control = None
     if c.operator_ca and Path(c.operator_ca).is_file():  # else commands are refused (no crypto loaded: -10 MB)
         from agent.act.controller import controller_from_config
@@ -89,9 +91,15 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
         exporter = MetricsExporter.from_listen(c.metrics_listen).start()
         runtime.frame_listeners.append(exporter.listener(collector.gpus()))
         log.info("Prometheus /metrics on %s (dcgm-exporter names)", c.metrics_listen)
-    log.info("serving %s on %s (port %d), %s, training socket %s, epoch %s",
-             c.host, c.listen, port, "INSECURE plaintext" if creds is None else "mTLS",
-             receiver.socket_path, buffer.epoch)
+    log.info(
+        "serving %s on %s (port %d), %s, training socket %s, epoch %s",
+        c.host,
+        c.listen,
+        port,
+        "INSECURE plaintext" if creds is None else "mTLS",
+        receiver.socket_path,
+        buffer.epoch,
+    )
     from agent.cli import install_signal_handlers
 
     stop = asyncio.Event()
@@ -117,8 +125,19 @@ def run_agent_cli(args: argparse.Namespace) -> int:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("listen", "simulate_gpus", "training_socket", "sample_interval_s", "host",
-                  "tls_cert", "tls_key", "tls_client_ca", "insecure", "metrics_listen", "spool")
+        for k in (
+            "listen",
+            "simulate_gpus",
+            "training_socket",
+            "sample_interval_s",
+            "host",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+            "insecure",
+            "metrics_listen",
+            "spool",
+        )
         if getattr(args, k, None) is not None
     }
     try:
@@ -133,8 +152,7 @@ def run_agent_cli(args: argparse.Namespace) -> int:
         return 3
     cfg, warning = enforce_insecure_loopback(cfg)
     if cfg.insecure:
-        log.warning("INSECURE: no TLS and no client authentication; listening on loopback only (%s)",
-                    cfg.listen)
+        log.warning("INSECURE: no TLS and no client authentication; listening on loopback only (%s)", cfg.listen)
     if warning:
         log.warning("%s", warning)
     try:

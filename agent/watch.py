@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -15,13 +16,22 @@ from protos.types import GPU_STATE_NAMES, METRIC_INDEX, Frame, Gap, SubscribeReq
 _COLS = ("gpu_util_pct", "mem_used_mib", "temp_c", "power_w", "sm_clock_mhz", "ecc_uncorrected")
 
 
-def open_channel(address: str, insecure: bool, ca: str | None, cert: str | None,
-                 key: str | None) -> grpc.aio.Channel:
+def open_channel(address: str, insecure: bool, ca: str | None, cert: str | None, key: str | None) -> grpc.aio.Channel:
     """A channel to an agent: mTLS unless insecure was asked for."""
     if insecure:
         return grpc.aio.insecure_channel(address)
-    if not (ca and cert and key):
-        raise SystemExit("gpusoc-agent watch: mTLS needs --ca, --cert and --key (or --insecure)")
+    missing = [
+        f"{flag} {path}"
+        for flag, path in (("--ca", ca), ("--cert", cert), ("--key", key))
+        if not path or not os.path.isfile(path)
+    ]
+    if missing:
+        raise SystemExit(
+            "gpusoc-agent watch: mTLS needs the console's CA, certificate and key; not found: "
+            + ", ".join(missing)
+            + " (give --ca/--cert/--key, or --insecure for an --insecure agent)"
+        )
+    assert ca and cert and key
     from agent.pki import channel_credentials
 
     return grpc.aio.secure_channel(address, channel_credentials(ca, cert, key))
@@ -35,8 +45,10 @@ def render(frame: Frame) -> str:
     """A few lines per frame, like `nvidia-smi dmon`, with the simulated label up front."""
     label = "SIMULATED " if frame.simulated else ""
     ts = time.strftime("%H:%M:%S", time.gmtime(frame.ts_unix_ns / 1e9))
-    lines = [f"{label}{frame.host} epoch {frame.epoch[:8]} seq {frame.seq} {ts}Z"
-             f"  records {len(frame.train)} events {len(frame.events)}"]
+    lines = [
+        f"{label}{frame.host} epoch {frame.epoch[:8]} seq {frame.seq} {ts}Z"
+        f"  records {len(frame.train)} events {len(frame.events)}"
+    ]
     header = "  gpu state " + " ".join(f"{c[:10]:>10}" for c in _COLS)
     lines.append(header)
     for row, idx in enumerate(frame.gpu_index):

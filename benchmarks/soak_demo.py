@@ -51,8 +51,12 @@ def main() -> int:
         w = window()
         t = time.monotonic() - started
         cpu = proc.cpu_times()
-        rec: dict[str, object] = {"t_s": round(t, 1), "rss_mb": round(proc.memory_info().rss / 2**20, 1),
-                                  "cpu_s": round(cpu.user + cpu.system, 1), "threads": proc.num_threads()}
+        rec: dict[str, object] = {
+            "t_s": round(t, 1),
+            "rss_mb": round(proc.memory_info().rss / 2**20, 1),
+            "cpu_s": round(cpu.user + cpu.system, 1),
+            "threads": proc.num_threads(),
+        }
         if w is not None:
             model = w.model  # type: ignore[attr-defined]
             rec["states"] = model.state_counts()
@@ -63,6 +67,11 @@ def main() -> int:
             rec["writer_queue"] = st["writer"].stats.get("queue_frames")
             rec["bridge_dropped"] = st["bridge"].dropped
             rec["alerts_raised"] = st["detection"].raised
+            try:  # DuckDB's own accounting (buffer pool + tracked allocations), to attribute RSS growth
+                rows = st["writer"].read_query("SELECT sum(memory_usage_bytes) FROM duckdb_memory()")
+                rec["duckdb_mb"] = round(float(rows[0][0] or 0) / 2**20, 1)
+            except Exception as exc:  # a sample must not end the soak
+                rec["duckdb_mb"] = f"error: {exc}"
         samples.append(rec)
         out.write(json.dumps(rec) + "\n")
         out.flush()
@@ -82,9 +91,14 @@ def main() -> int:
     r0, r1 = float(base[0]["rss_mb"]), float(base[-1]["rss_mb"])  # type: ignore[arg-type]
     growth = 100 * (r1 - r0) / r0
     f0, f1 = base[0].get("frames_committed") or 0, base[-1].get("frames_committed") or 0
-    summary = {"minutes": round(float(samples[-1]["t_s"]) / 60, 1), "rss_start_mb": r0, "rss_end_mb": r1,  # type: ignore[arg-type]
-               "rss_growth_pct": round(growth, 2), "frames_committed_after_warmup": int(f1) - int(f0),  # type: ignore[call-overload]
-               "rc": rc}
+    summary = {
+        "minutes": round(float(samples[-1]["t_s"]) / 60, 1),  # type: ignore[arg-type]
+        "rss_start_mb": r0,
+        "rss_end_mb": r1,
+        "rss_growth_pct": round(growth, 2),
+        "frames_committed_after_warmup": int(f1) - int(f0),  # type: ignore[call-overload]
+        "rc": rc,
+    }
     print(json.dumps(summary))
     return 0 if growth < 10 and int(f1) > int(f0) else 1  # type: ignore[call-overload]
 
