@@ -1,4 +1,4 @@
-"""The agent's gRPC server: Subscribe, Describe, the control RPCs and the standard health service.
+"""The agent's gRPC server: Subscribe, Describe, Acknowledge, the control RPCs and the health service.
 
 Handlers exchange bytes produced by `protos.serde`; frames are encoded once when they are
 made and the same bytes go to every subscriber. Command, ListCheckpoints and ControlState
@@ -20,7 +20,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 
 from agent.runtime import AgentRuntime
 from protos import serde
-from protos.types import SEVERITY_WARNING, Event, WireError
+from protos.types import SEVERITY_WARNING, AckResult, Event, WireError
 
 if TYPE_CHECKING:
     from agent.act.commands import Peer
@@ -65,20 +65,43 @@ def peer_of(context: grpc.aio.ServicerContext) -> Peer:
     return Peer(authenticated=transport == "ssl" and has_cert, name=name or context.peer(), transport=transport)
 
 
-def apply_durable_position(buffer: object, context: grpc.aio.ServicerContext) -> None:
-    """Tell a spool what the console has durably stored (metadata `x-gpusoc-durable: EPOCH:SEQ`).
+def acknowledge_position(buffer: object, epoch: str, seq: int) -> AckResult:
+    """Tell a spool that a console durably stored everything of `epoch` up to `seq`.
 
-    Data at or below that position may then be evicted first (docs/reliability.md); a buffer
-    without `acknowledge` (the in-memory FrameBuffer) ignores it. Malformed values are ignored.
+    Data at or below that position may then be evicted first (docs/reliability.md). The spool
+    ignores other epochs and positions beyond what it sent (accepted False); a buffer without
+    `acknowledge` (the in-memory FrameBuffer) takes nothing: (False, 0). Shared by the
+    `x-gpusoc-durable` metadata on Subscribe and the Acknowledge RPC.
     """
     acknowledge = getattr(buffer, "acknowledge", None)
     if acknowledge is None:
+        return AckResult(accepted=False, acked_seq=0)
+    accepted = bool(acknowledge(epoch, seq))
+    return AckResult(accepted=accepted, acked_seq=int(getattr(buffer, "acked_seq", 0)))
+
+
+def parse_durable_position(value: object) -> tuple[str, int] | None:
+    """`EPOCH:SEQ` from the `x-gpusoc-durable` metadata; None when malformed."""
+    if not isinstance(value, str):
+        return None
+    epoch, _, seq = value.rpartition(":")
+    if epoch and seq.isdigit() and len(seq) < 20:
+        return epoch, int(seq)
+    return None
+
+
+def apply_durable_position(buffer: object, context: grpc.aio.ServicerContext) -> None:
+    """Apply the console's durably stored position sent as metadata `x-gpusoc-durable: EPOCH:SEQ`.
+
+    Malformed values are ignored; see `acknowledge_position` for the rest.
+    """
+    if getattr(buffer, "acknowledge", None) is None:
         return
     for key, value in context.invocation_metadata() or ():
-        if key == DURABLE_METADATA_KEY and isinstance(value, str):
-            epoch, _, seq = value.rpartition(":")
-            if epoch and seq.isdigit() and len(seq) < 20:
-                acknowledge(epoch, int(seq))
+        if key == DURABLE_METADATA_KEY:
+            position = parse_durable_position(value)
+            if position is not None:
+                acknowledge_position(buffer, *position)
 
 
 class AgentService:
@@ -140,6 +163,22 @@ class AgentService:
                 f"command_key:{self.control.key_id}",
             ]
         return serde.encode_description(desc)
+
+    async def acknowledge(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """The console's durably stored position, reported while its stream is open.
+
+        Same authorization as Subscribe (the transport's mTLS): a position can only allow the
+        eviction of data this agent already sent, and the spool ignores anything beyond that.
+        """
+        try:
+            epoch, seq = serde.decode_acknowledge_request(request)
+        except WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return b""
+        result = acknowledge_position(self.runtime.buffer, epoch, seq)
+        log.debug("acknowledge %s:%d from %s: accepted=%s acked_seq=%d", epoch[:8], seq, context.peer(),
+                  result.accepted, result.acked_seq)
+        return serde.encode_ack_result(result)
 
     async def _no_control(self, context: grpc.aio.ServicerContext, what: str) -> None:
         peer = peer_of(context)
@@ -214,6 +253,9 @@ class AgentService:
                 ),
                 "Describe": grpc.unary_unary_rpc_method_handler(
                     self.describe, request_deserializer=_identity, response_serializer=_identity
+                ),
+                "Acknowledge": grpc.unary_unary_rpc_method_handler(
+                    self.acknowledge, request_deserializer=_identity, response_serializer=_identity
                 ),
                 "Command": grpc.unary_unary_rpc_method_handler(
                     self.command, request_deserializer=_identity, response_serializer=_identity

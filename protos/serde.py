@@ -18,6 +18,7 @@ from protos.types import (
     METRIC_SCHEMA,
     N_METRICS,
     PHASE_NAMES,
+    AckResult,
     CheckpointInfo,
     CheckpointList,
     CommandEnvelope,
@@ -41,6 +42,7 @@ from protos.v1 import agent_pb2, telemetry_pb2
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 SUBSCRIBE_METHOD = f"/{SERVICE_NAME}/Subscribe"
 DESCRIBE_METHOD = f"/{SERVICE_NAME}/Describe"
+ACKNOWLEDGE_METHOD = f"/{SERVICE_NAME}/Acknowledge"
 COMMAND_METHOD = f"/{SERVICE_NAME}/Command"
 LIST_CHECKPOINTS_METHOD = f"/{SERVICE_NAME}/ListCheckpoints"
 CONTROL_STATE_METHOD = f"/{SERVICE_NAME}/ControlState"
@@ -344,6 +346,36 @@ def decode_description(data: bytes) -> Description:
     )
 
 
+# ---------------------------------------------------------------- durable position (docs/reliability.md)
+
+# An epoch is 32 hex characters; anything much longer is not a position.
+MAX_EPOCH_CHARS = 128
+
+
+def encode_acknowledge_request(epoch: str, seq: int) -> bytes:
+    """The console's durably stored position (same meaning as the x-gpusoc-durable metadata)."""
+    return agent_pb2.AcknowledgeRequest(epoch=epoch, seq=seq).SerializeToString()
+
+
+def decode_acknowledge_request(data: bytes) -> tuple[str, int]:
+    """(epoch, seq); both are required."""
+    msg = _parse(agent_pb2.AcknowledgeRequest, data, "AcknowledgeRequest")
+    if not msg.epoch or len(msg.epoch) > MAX_EPOCH_CHARS:
+        raise WireError("Acknowledge needs an epoch")
+    if msg.seq < 1:
+        raise WireError("Acknowledge seq must be >= 1")
+    return msg.epoch, msg.seq
+
+
+def encode_ack_result(r: AckResult) -> bytes:
+    return agent_pb2.AcknowledgeResponse(accepted=r.accepted, acked_seq=r.acked_seq).SerializeToString()
+
+
+def decode_ack_result(data: bytes) -> AckResult:
+    msg = _parse(agent_pb2.AcknowledgeResponse, data, "AcknowledgeResponse")
+    return AckResult(accepted=msg.accepted, acked_seq=msg.acked_seq)
+
+
 # ---------------------------------------------------------------- control (docs/response.md)
 
 # Bounds checked on decode, before any signature work: a command is a few KiB.
@@ -540,6 +572,7 @@ def protobuf_backend() -> str:
 
 
 __all__ = [
+    "ACKNOWLEDGE_METHOD",
     "COMMAND_METHOD",
     "CONTROL_STATE_METHOD",
     "DESCRIBE_METHOD",
@@ -547,6 +580,8 @@ __all__ = [
     "METRIC_NAMES",
     "SERVICE_NAME",
     "SUBSCRIBE_METHOD",
+    "decode_ack_result",
+    "decode_acknowledge_request",
     "decode_checkpoint_list",
     "decode_command_request",
     "decode_control_state",
@@ -557,6 +592,8 @@ __all__ = [
     "decode_signed_receipt",
     "decode_stream_item",
     "decode_subscribe_request",
+    "encode_ack_result",
+    "encode_acknowledge_request",
     "encode_checkpoint_list",
     "encode_command_request",
     "encode_control_state",

@@ -125,6 +125,14 @@ class SubscribeRequest:
     from_now: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class AckResult:
+    """The agent's answer to Acknowledge: whether it took the position, and its acknowledged seq."""
+
+    accepted: bool
+    acked_seq: int
+
+
 @dataclass(slots=True)
 class GpuInfo:
     index: int

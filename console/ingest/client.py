@@ -32,11 +32,12 @@ from console.ingest.sink import (
 )
 from console.ingest.tls import ConsoleTls
 from protos import serde
-from protos.types import Description, Frame, Gap, SubscribeRequest, WireError
+from protos.types import AckResult, Description, Frame, Gap, SubscribeRequest, WireError
 
 log = logging.getLogger("gpusoc.console.ingest")
 
 # gRPC metadata on Subscribe: "EPOCH:SEQ" this console has durably stored (agent/serve.py reads it).
+# While the stream is open the same position is reported periodically over the Acknowledge RPC.
 DURABLE_METADATA_KEY = "x-gpusoc-durable"
 
 CHANNEL_OPTIONS = [
@@ -77,6 +78,7 @@ class ClientStats:
     gaps: int = 0
     connects: int = 0
     missing: int = 0
+    acks: int = 0  # Acknowledge calls the agent answered
 
 
 def _backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
@@ -99,6 +101,8 @@ class AgentClient:
     interval_s: float = 1.0
     last_frame_mono: float = 0.0
     last_frame_ns: int = 0
+    # While a stream is open, report the durable position over Acknowledge this often (seconds).
+    ack_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         self._set(CONNECTING if not self.status else self.status.state, "")
@@ -187,8 +191,55 @@ class AgentClient:
             call = subscribe(SubscribeRequest(epoch=epoch, after_seq=after), metadata=metadata)
             self.stats.connects += 1
             self._set(CONNECTED, f"resumed after {epoch[:8]}:{after}" if epoch else "from oldest held")
-            async for raw in call:
-                await self._handle(raw)
+            acks = asyncio.create_task(self._ack_loop(channel, durable), name=f"ack {self.address}")
+            try:
+                async for raw in call:
+                    await self._handle(raw)
+            finally:
+                acks.cancel()
+                await asyncio.gather(acks, return_exceptions=True)
+
+    async def _ack_loop(self, channel: grpc.aio.Channel, reported: tuple[str, int] | None) -> None:
+        """While the stream is open, tell the agent what the store holds durably (Acknowledge).
+
+        Sends `_durable_position()` every `ack_interval_s` when it differs from the last position
+        the agent accepted (`reported` starts as the one sent on Subscribe). Failures never touch
+        the stream: they are logged at debug and retried next time. An agent without the method
+        (UNIMPLEMENTED) gets no more acknowledgements in this session.
+        """
+        if self.ack_interval_s <= 0:
+            return
+        acknowledge = channel.unary_unary(serde.ACKNOWLEDGE_METHOD,
+                                          request_serializer=lambda p: serde.encode_acknowledge_request(*p),
+                                          response_deserializer=serde.decode_ack_result)
+        timeout = max(1.0, min(10.0, self.ack_interval_s))
+        while True:
+            await asyncio.sleep(self.ack_interval_s)
+            position = self._durable_position()
+            if position is None or position == reported or position[1] < 1:
+                continue
+            try:
+                result: AckResult = await acknowledge(position, timeout=timeout)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    log.info("%s (%s): agent has no Acknowledge RPC; its spool learns the durable position "
+                             "only on (re)subscribe", self.address, self.host)
+                    return
+                log.debug("%s (%s): acknowledge %s:%d failed: %s %s", self.address, self.host, position[0][:8],
+                          position[1], exc.code().name, exc.details())
+                continue
+            except Exception as exc:  # e.g. an undecodable answer: the next interval tries again
+                log.debug("%s (%s): acknowledge %s:%d failed: %s", self.address, self.host, position[0][:8],
+                          position[1], exc)
+                continue
+            self.stats.acks += 1
+            if result.accepted:
+                reported = position
+            else:
+                log.debug("%s (%s): agent did not accept durable position %s:%d (acked %d)", self.address,
+                          self.host, position[0][:8], position[1], result.acked_seq)
 
     def _durable_position(self) -> tuple[str, int] | None:
         """What the store holds durably for this host, for the agent's spool (docs/reliability.md).

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.v1 import telemetry_pb2 as protos_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/v1/agent.proto\x12\tgpusoc.v1\x1a\x19protos/v1/telemetry.proto\"F\n\x10SubscribeRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\x10\n\x08\x66rom_now\x18\x03 \x01(\x08\"]\n\x11SubscribeResponse\x12!\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x10.gpusoc.v1.FrameH\x00\x12\x1d\n\x03gap\x18\x02 \x01(\x0b\x32\x0e.gpusoc.v1.GapH\x00\x42\x06\n\x04item\"\x11\n\x0f\x44\x65scribeRequest\"z\n\x07GpuInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x18\n\x10memory_total_mib\x18\x04 \x01(\x01\x12\x16\n\x0e\x64river_version\x18\x05 \x01(\t\x12\x12\n\npci_bus_id\x18\x06 \x01(\t\"\x96\x02\n\x10\x44\x65scribeResponse\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\t\x12\x11\n\tsimulated\x18\x04 \x01(\x08\x12 \n\x04gpus\x18\x05 \x03(\x0b\x32\x12.gpusoc.v1.GpuInfo\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x14\n\x0cmetric_names\x18\x07 \x03(\t\x12\x15\n\rmetric_schema\x18\x08 \x01(\r\x12\x19\n\x11sample_interval_s\x18\t \x01(\x01\x12\x12\n\noldest_seq\x18\n \x01(\x04\x12\x12\n\nnewest_seq\x18\x0b \x01(\x04\x12\x13\n\x0bnvml_status\x18\x0c \x01(\t\">\n\x10\x43ommandSignature\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"S\n\x0f\x43ommandEnvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12/\n\nsignatures\x18\x02 \x03(\x0b\x32\x1b.gpusoc.v1.CommandSignature\"\xa5\x01\n\x0e\x43ommandRequest\x12&\n\x05phase\x18\x01 \x01(\x0e\x32\x17.gpusoc.v1.CommandPhase\x12,\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x1a.gpusoc.v1.CommandEnvelope\x12\x19\n\x11\x63ommit_at_unix_ns\x18\x03 \x01(\x03\x12\x12\n\ncommand_id\x18\x04 \x01(\t\x12\x0e\n\x06wait_s\x18\x05 \x01(\x01\"N\n\x0e\x43ommandReceipt\x12\x0f\n\x07receipt\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x18\n\x10\x61gent_public_key\x18\x03 \x01(\x0c\"3\n\x16ListCheckpointsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x65\x65p\x18\x02 \x01(\x08\"\xd8\x01\n\x0e\x43heckpointInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x02 \x01(\t\x12\x0b\n\x03job\x18\x03 \x01(\t\x12\x0b\n\x03run\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x12\n\nworld_size\x18\x06 \x01(\r\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x15\n\rsigner_key_id\x18\t \x01(\t\x12\x13\n\x0b\x62\x65low_floor\x18\n \x01(\x08\x12\x17\n\x0f\x63reated_unix_ns\x18\x0b \x01(\x03\"x\n\x17ListCheckpointsResponse\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x12\n\nstep_floor\x18\x03 \x01(\x03\x12.\n\x0b\x63heckpoints\x18\x04 \x03(\x0b\x32\x19.gpusoc.v1.CheckpointInfo\"\x15\n\x13\x43ontrolStateRequest\"\x96\x01\n\tFrozenJob\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x1c\n\x14\x66rozen_since_unix_ns\x18\x03 \x01(\x03\x12\x1c\n\x14\x63ollective_timeout_s\x18\x04 \x01(\x01\x12\x0c\n\x04pids\x18\x05 \x03(\r\x12\x0e\n\x06\x63group\x18\x06 \x01(\t\x12\x12\n\ncommand_id\x18\x07 \x01(\t\"\xbd\x02\n\x14\x43ontrolStateResponse\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x18\n\x10\x61gent_public_key\x18\x02 \x01(\x0c\x12\x14\n\x0c\x61gent_key_id\x18\x03 \x01(\t\x12\x18\n\x10\x63ommands_enabled\x18\x04 \x01(\x08\x12$\n\x06\x66rozen\x18\x05 \x03(\x0b\x32\x14.gpusoc.v1.FrozenJob\x12\x44\n\x0bmin_signers\x18\x06 \x03(\x0b\x32/.gpusoc.v1.ControlStateResponse.MinSignersEntry\x12\x13\n\x0bnow_unix_ns\x18\x07 \x01(\x03\x12\x19\n\x11\x61rmed_command_ids\x18\x08 \x03(\t\x1a\x31\n\x0fMinSignersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01*\x96\x01\n\x0c\x43ommandPhase\x12\x1d\n\x19\x43OMMAND_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43OMMAND_PHASE_EXECUTE\x10\x01\x12\x19\n\x15\x43OMMAND_PHASE_PREPARE\x10\x02\x12\x18\n\x14\x43OMMAND_PHASE_RESULT\x10\x03\x12\x17\n\x13\x43OMMAND_PHASE_ABORT\x10\x04\x32\x89\x03\n\x0c\x41gentService\x12H\n\tSubscribe\x12\x1b.gpusoc.v1.SubscribeRequest\x1a\x1c.gpusoc.v1.SubscribeResponse0\x01\x12\x43\n\x08\x44\x65scribe\x12\x1a.gpusoc.v1.DescribeRequest\x1a\x1b.gpusoc.v1.DescribeResponse\x12?\n\x07\x43ommand\x12\x19.gpusoc.v1.CommandRequest\x1a\x19.gpusoc.v1.CommandReceipt\x12X\n\x0fListCheckpoints\x12!.gpusoc.v1.ListCheckpointsRequest\x1a\".gpusoc.v1.ListCheckpointsResponse\x12O\n\x0c\x43ontrolState\x12\x1e.gpusoc.v1.ControlStateRequest\x1a\x1f.gpusoc.v1.ControlStateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/v1/agent.proto\x12\tgpusoc.v1\x1a\x19protos/v1/telemetry.proto\"F\n\x10SubscribeRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\x10\n\x08\x66rom_now\x18\x03 \x01(\x08\"]\n\x11SubscribeResponse\x12!\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x10.gpusoc.v1.FrameH\x00\x12\x1d\n\x03gap\x18\x02 \x01(\x0b\x32\x0e.gpusoc.v1.GapH\x00\x42\x06\n\x04item\"\x11\n\x0f\x44\x65scribeRequest\"z\n\x07GpuInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x18\n\x10memory_total_mib\x18\x04 \x01(\x01\x12\x16\n\x0e\x64river_version\x18\x05 \x01(\t\x12\x12\n\npci_bus_id\x18\x06 \x01(\t\"\x96\x02\n\x10\x44\x65scribeResponse\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\t\x12\x11\n\tsimulated\x18\x04 \x01(\x08\x12 \n\x04gpus\x18\x05 \x03(\x0b\x32\x12.gpusoc.v1.GpuInfo\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x14\n\x0cmetric_names\x18\x07 \x03(\t\x12\x15\n\rmetric_schema\x18\x08 \x01(\r\x12\x19\n\x11sample_interval_s\x18\t \x01(\x01\x12\x12\n\noldest_seq\x18\n \x01(\x04\x12\x12\n\nnewest_seq\x18\x0b \x01(\x04\x12\x13\n\x0bnvml_status\x18\x0c \x01(\t\"0\n\x12\x41\x63knowledgeRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\":\n\x13\x41\x63knowledgeResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tacked_seq\x18\x02 \x01(\x04\">\n\x10\x43ommandSignature\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"S\n\x0f\x43ommandEnvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12/\n\nsignatures\x18\x02 \x03(\x0b\x32\x1b.gpusoc.v1.CommandSignature\"\xa5\x01\n\x0e\x43ommandRequest\x12&\n\x05phase\x18\x01 \x01(\x0e\x32\x17.gpusoc.v1.CommandPhase\x12,\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x1a.gpusoc.v1.CommandEnvelope\x12\x19\n\x11\x63ommit_at_unix_ns\x18\x03 \x01(\x03\x12\x12\n\ncommand_id\x18\x04 \x01(\t\x12\x0e\n\x06wait_s\x18\x05 \x01(\x01\"N\n\x0e\x43ommandReceipt\x12\x0f\n\x07receipt\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x18\n\x10\x61gent_public_key\x18\x03 \x01(\x0c\"3\n\x16ListCheckpointsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x65\x65p\x18\x02 \x01(\x08\"\xd8\x01\n\x0e\x43heckpointInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x02 \x01(\t\x12\x0b\n\x03job\x18\x03 \x01(\t\x12\x0b\n\x03run\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x12\n\nworld_size\x18\x06 \x01(\r\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x15\n\rsigner_key_id\x18\t \x01(\t\x12\x13\n\x0b\x62\x65low_floor\x18\n \x01(\x08\x12\x17\n\x0f\x63reated_unix_ns\x18\x0b \x01(\x03\"x\n\x17ListCheckpointsResponse\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x12\n\nstep_floor\x18\x03 \x01(\x03\x12.\n\x0b\x63heckpoints\x18\x04 \x03(\x0b\x32\x19.gpusoc.v1.CheckpointInfo\"\x15\n\x13\x43ontrolStateRequest\"\x96\x01\n\tFrozenJob\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x1c\n\x14\x66rozen_since_unix_ns\x18\x03 \x01(\x03\x12\x1c\n\x14\x63ollective_timeout_s\x18\x04 \x01(\x01\x12\x0c\n\x04pids\x18\x05 \x03(\r\x12\x0e\n\x06\x63group\x18\x06 \x01(\t\x12\x12\n\ncommand_id\x18\x07 \x01(\t\"\xbd\x02\n\x14\x43ontrolStateResponse\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x18\n\x10\x61gent_public_key\x18\x02 \x01(\x0c\x12\x14\n\x0c\x61gent_key_id\x18\x03 \x01(\t\x12\x18\n\x10\x63ommands_enabled\x18\x04 \x01(\x08\x12$\n\x06\x66rozen\x18\x05 \x03(\x0b\x32\x14.gpusoc.v1.FrozenJob\x12\x44\n\x0bmin_signers\x18\x06 \x03(\x0b\x32/.gpusoc.v1.ControlStateResponse.MinSignersEntry\x12\x13\n\x0bnow_unix_ns\x18\x07 \x01(\x03\x12\x19\n\x11\x61rmed_command_ids\x18\x08 \x03(\t\x1a\x31\n\x0fMinSignersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01*\x96\x01\n\x0c\x43ommandPhase\x12\x1d\n\x19\x43OMMAND_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43OMMAND_PHASE_EXECUTE\x10\x01\x12\x19\n\x15\x43OMMAND_PHASE_PREPARE\x10\x02\x12\x18\n\x14\x43OMMAND_PHASE_RESULT\x10\x03\x12\x17\n\x13\x43OMMAND_PHASE_ABORT\x10\x04\x32\xd7\x03\n\x0c\x41gentService\x12H\n\tSubscribe\x12\x1b.gpusoc.v1.SubscribeRequest\x1a\x1c.gpusoc.v1.SubscribeResponse0\x01\x12\x43\n\x08\x44\x65scribe\x12\x1a.gpusoc.v1.DescribeRequest\x1a\x1b.gpusoc.v1.DescribeResponse\x12L\n\x0b\x41\x63knowledge\x12\x1d.gpusoc.v1.AcknowledgeRequest\x1a\x1e.gpusoc.v1.AcknowledgeResponse\x12?\n\x07\x43ommand\x12\x19.gpusoc.v1.CommandRequest\x1a\x19.gpusoc.v1.CommandReceipt\x12X\n\x0fListCheckpoints\x12!.gpusoc.v1.ListCheckpointsRequest\x1a\".gpusoc.v1.ListCheckpointsResponse\x12O\n\x0c\x43ontrolState\x12\x1e.gpusoc.v1.ControlStateRequest\x1a\x1f.gpusoc.v1.ControlStateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONTROLSTATERESPONSE_MINSIGNERSENTRY']._loaded_options = None
   _globals['_CONTROLSTATERESPONSE_MINSIGNERSENTRY']._serialized_options = b'8\001'
-  _globals['_COMMANDPHASE']._serialized_start=1942
-  _globals['_COMMANDPHASE']._serialized_end=2092
+  _globals['_COMMANDPHASE']._serialized_start=2052
+  _globals['_COMMANDPHASE']._serialized_end=2202
   _globals['_SUBSCRIBEREQUEST']._serialized_start=63
   _globals['_SUBSCRIBEREQUEST']._serialized_end=133
   _globals['_SUBSCRIBERESPONSE']._serialized_start=135
@@ -46,28 +46,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GPUINFO']._serialized_end=371
   _globals['_DESCRIBERESPONSE']._serialized_start=374
   _globals['_DESCRIBERESPONSE']._serialized_end=652
-  _globals['_COMMANDSIGNATURE']._serialized_start=654
-  _globals['_COMMANDSIGNATURE']._serialized_end=716
-  _globals['_COMMANDENVELOPE']._serialized_start=718
-  _globals['_COMMANDENVELOPE']._serialized_end=801
-  _globals['_COMMANDREQUEST']._serialized_start=804
-  _globals['_COMMANDREQUEST']._serialized_end=969
-  _globals['_COMMANDRECEIPT']._serialized_start=971
-  _globals['_COMMANDRECEIPT']._serialized_end=1049
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1051
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1102
-  _globals['_CHECKPOINTINFO']._serialized_start=1105
-  _globals['_CHECKPOINTINFO']._serialized_end=1321
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1323
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1443
-  _globals['_CONTROLSTATEREQUEST']._serialized_start=1445
-  _globals['_CONTROLSTATEREQUEST']._serialized_end=1466
-  _globals['_FROZENJOB']._serialized_start=1469
-  _globals['_FROZENJOB']._serialized_end=1619
-  _globals['_CONTROLSTATERESPONSE']._serialized_start=1622
-  _globals['_CONTROLSTATERESPONSE']._serialized_end=1939
-  _globals['_CONTROLSTATERESPONSE_MINSIGNERSENTRY']._serialized_start=1890
-  _globals['_CONTROLSTATERESPONSE_MINSIGNERSENTRY']._serialized_end=1939
-  _globals['_AGENTSERVICE']._serialized_start=2095
-  _globals['_AGENTSERVICE']._serialized_end=2488
+  _globals['_ACKNOWLEDGEREQUEST']._serialized_start=654
+  _globals['_ACKNOWLEDGEREQUEST']._serialized_end=702
+  _globals['_ACKNOWLEDGERESPONSE']._serialized_start=704
+  _globals['_ACKNOWLEDGERESPONSE']._serialized_end=762
+  _globals['_COMMANDSIGNATURE']._serialized_start=764
+  _globals['_COMMANDSIGNATURE']._serialized_end=826
+  _globals['_COMMANDENVELOPE']._serialized_start=828
+  _globals['_COMMANDENVELOPE']._serialized_end=911
+  _globals['_COMMANDREQUEST']._serialized_start=914
+  _globals['_COMMANDREQUEST']._serialized_end=1079
+  _globals['_COMMANDRECEIPT']._serialized_start=1081
+  _globals['_COMMANDRECEIPT']._serialized_end=1159
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1161
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1212
+  _globals['_CHECKPOINTINFO']._serialized_start=1215
+  _globals['_CHECKPOINTINFO']._serialized_end=1431
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1433
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1553
+  _globals['_CONTROLSTATEREQUEST']._serialized_start=1555
+  _globals['_CONTROLSTATEREQUEST']._serialized_end=1576
+  _globals['_FROZENJOB']._serialized_start=1579
+  _globals['_FROZENJOB']._serialized_end=1729
+  _globals['_CONTROLSTATERESPONSE']._serialized_start=1732
+  _globals['_CONTROLSTATERESPONSE']._serialized_end=2049
+  _globals['_CONTROLSTATERESPONSE_MINSIGNERSENTRY']._serialized_start=2000
+  _globals['_CONTROLSTATERESPONSE_MINSIGNERSENTRY']._serialized_end=2049
+  _globals['_AGENTSERVICE']._serialized_start=2205
+  _globals['_AGENTSERVICE']._serialized_end=2676
 # @@protoc_insertion_point(module_scope)

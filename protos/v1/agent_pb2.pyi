@@ -87,6 +87,22 @@ class DescribeResponse(_message.Message):
     nvml_status: str
     def __init__(self, host: _Optional[str] = ..., agent_version: _Optional[str] = ..., epoch: _Optional[str] = ..., simulated: _Optional[bool] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., capabilities: _Optional[_Iterable[str]] = ..., metric_names: _Optional[_Iterable[str]] = ..., metric_schema: _Optional[int] = ..., sample_interval_s: _Optional[float] = ..., oldest_seq: _Optional[int] = ..., newest_seq: _Optional[int] = ..., nvml_status: _Optional[str] = ...) -> None: ...
 
+class AcknowledgeRequest(_message.Message):
+    __slots__ = ("epoch", "seq")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    epoch: str
+    seq: int
+    def __init__(self, epoch: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class AcknowledgeResponse(_message.Message):
+    __slots__ = ("accepted", "acked_seq")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    acked_seq: int
+    def __init__(self, accepted: _Optional[bool] = ..., acked_seq: _Optional[int] = ...) -> None: ...
+
 class CommandSignature(_message.Message):
     __slots__ = ("certificate_pem", "signature")
     CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]

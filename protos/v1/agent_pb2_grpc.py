@@ -44,6 +44,11 @@ class AgentServiceStub:
                 request_serializer=protos_dot_v1_dot_agent__pb2.DescribeRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_agent__pb2.DescribeResponse.FromString,
                 _registered_method=True)
+        self.Acknowledge = channel.unary_unary(
+                '/gpusoc.v1.AgentService/Acknowledge',
+                request_serializer=protos_dot_v1_dot_agent__pb2.AcknowledgeRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_agent__pb2.AcknowledgeResponse.FromString,
+                _registered_method=True)
         self.Command = channel.unary_unary(
                 '/gpusoc.v1.AgentService/Command',
                 request_serializer=protos_dot_v1_dot_agent__pb2.CommandRequest.SerializeToString,
@@ -74,6 +79,16 @@ class AgentServiceServicer:
 
     def Describe(self, request, context):
         """Identity, GPUs and capabilities of this agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Acknowledge(self, request, context):
+        """The console's durably stored position (epoch, seq) for this host, reported periodically
+        while a Subscribe stream is open. Same meaning as the x-gpusoc-durable metadata on
+        Subscribe: the agent's spool may evict data at or below it first (docs/reliability.md).
+        Positions of another epoch or beyond what the agent has sent are not accepted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +133,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Describe,
                     request_deserializer=protos_dot_v1_dot_agent__pb2.DescribeRequest.FromString,
                     response_serializer=protos_dot_v1_dot_agent__pb2.DescribeResponse.SerializeToString,
+            ),
+            'Acknowledge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Acknowledge,
+                    request_deserializer=protos_dot_v1_dot_agent__pb2.AcknowledgeRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_agent__pb2.AcknowledgeResponse.SerializeToString,
             ),
             'Command': grpc.unary_unary_rpc_method_handler(
                     servicer.Command,
@@ -189,6 +209,33 @@ class AgentService:
             '/gpusoc.v1.AgentService/Describe',
             protos_dot_v1_dot_agent__pb2.DescribeRequest.SerializeToString,
             protos_dot_v1_dot_agent__pb2.DescribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Acknowledge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpusoc.v1.AgentService/Acknowledge',
+            protos_dot_v1_dot_agent__pb2.AcknowledgeRequest.SerializeToString,
+            protos_dot_v1_dot_agent__pb2.AcknowledgeResponse.FromString,
             options,
             channel_credentials,
             insecure,
