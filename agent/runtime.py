@@ -23,6 +23,7 @@ from protos.types import (
     METRIC_NAMES,
     METRIC_SCHEMA,
     SEVERITY_INFO,
+    SEVERITY_WARNING,
     Description,
     Event,
     Frame,
@@ -30,6 +31,8 @@ from protos.types import (
 )
 
 log = logging.getLogger("gpusoc.agent")
+
+MAX_CARRIED_RECORDS = 4096  # SDK records kept across ticks that could not be buffered
 
 CAPABILITIES = ["subscribe", "describe", "health", "gap_records", "training_sdk"]
 
@@ -71,6 +74,11 @@ class AgentRuntime:
                   f"gpusoc-agent {__version__} started on {host} (epoch {buffer.epoch[:8]})",
                   {"version": __version__, "collector": collector.status})
         ]
+        # Ticks whose frame could not be buffered (disk full with nothing left to evict, I/O
+        # error): no seq was consumed, so no gap can say so; the next stored frame carries a
+        # `ticks_not_stored` event instead, plus the events and SDK records of the lost ticks.
+        self._unstored: tuple[int, int, str] | None = None  # (count, first ts ns, last error)
+        self._carry_records: list[TrainRecord] = []
         # GPU activity by local rank, for the simulator's load (GPU i ~ local rank i).
         self._last_record_ns: dict[int, int] = {}
         self._stop = asyncio.Event()
@@ -109,16 +117,22 @@ class AgentRuntime:
             gpu = self.collector.sample()
         else:
             gpu = await asyncio.get_running_loop().run_in_executor(None, self.collector.sample)
-        records: list[TrainRecord] = []
+        records, self._carry_records = self._carry_records, []
         dropped = 0
         if self.training is not None:
-            records = self.training.drain()
+            records.extend(self.training.drain())
             dropped = self.training.dropped
             for r in records:
                 if r.kind == "log":
                     self._last_record_ns[r.local_rank] = r.ts_unix_ns
         events, self._pending_events = self._pending_events, []
         events.extend(gpu.events)
+        if self._unstored is not None:
+            n, since_ns, error = self._unstored
+            events.append(Event(ts, "ticks_not_stored", SEVERITY_WARNING, -1, os.getpid(),
+                                f"{n} tick(s) since {time.strftime('%H:%M:%S', time.gmtime(since_ns / 1e9))}Z "
+                                f"could not be buffered: {error}",
+                                {"count": str(n), "since_unix_ns": str(since_ns), "error": error}))
         frame = Frame(
             host=self.host,
             epoch=self.buffer.epoch,
@@ -133,7 +147,16 @@ class AgentRuntime:
             events=events,
             sdk_dropped=dropped,
         )
-        await self.buffer.append(frame.seq, serde.encode_frame(frame))
+        try:
+            await self.buffer.append(frame.seq, serde.encode_frame(frame))
+        except Exception as exc:
+            # Keep what this tick carried for the next one; the GPU sample itself is lost.
+            self._pending_events[:0] = [e for e in events if e.kind != "ticks_not_stored"]
+            self._carry_records = records[-MAX_CARRIED_RECORDS:]  # bounded while the disk stays full
+            n, since_ns, _ = self._unstored or (0, ts, "")
+            self._unstored = (n + 1, since_ns, f"{type(exc).__name__}: {exc}"[:300])
+            raise
+        self._unstored = None
         self.state.ticks += 1
         for listener in self.frame_listeners:
             listener(frame)
