@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--base-port", type=int, default=23000)
     ap.add_argument("--mtls", action="store_true", help="mTLS (default: --insecure on loopback)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir with the DB")
+    ap.add_argument("--flush-interval", type=float, default=0.25, help="StoreWriter flush_interval_s")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -65,7 +66,7 @@ def main() -> int:
         p = tmp / "pki"
         tls = ConsoleTls(str(p / "agent-ca.pem"), str(p / "consoles/console.pem"), str(p / "consoles/console.key"))
     db = tmp / "bench.duckdb"
-    writer = StoreWriter(str(db))
+    writer = StoreWriter(str(db), flush_interval_s=args.flush_interval)
     writer.start()
     fleet = FleetIngest(AgentSource([str(inv)]), writer, tls)
     me = psutil.Process()
@@ -120,6 +121,7 @@ def main() -> int:
     size = db.stat().st_size + (Path(str(db) + ".wal").stat().st_size if Path(str(db) + ".wal").exists() else 0)
     result.update({
         "hosts": args.hosts, "gpus_per_host": args.gpus, "seconds": args.seconds, "mtls": args.mtls,
+        "flush_interval_s": args.flush_interval,
         "commit_latency_ms_p50": round(lat[0] or 0, 1), "commit_latency_ms_p99": round(lat[1] or 0, 1),
         "commit_latency_ms_max": round(lat[2] or 0, 1), "frames_in_window": lat[3],
         "expected_frames_in_window": int(args.hosts * args.seconds),
