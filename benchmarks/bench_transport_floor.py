@@ -6,7 +6,9 @@ bench_collector.py, opens one grpc.aio stream per agent exactly as console/inges
 (same channel options, raw bytes out of the deserializer), and counts frames. `--decode` adds
 protos.serde.decode_stream_item per frame. No store, no detection, no identity checks.
 
-    python benchmarks/bench_transport_floor.py --hosts 512 --seconds 30 [--decode]
+    python benchmarks/bench_transport_floor.py --hosts 512 --seconds 30 [--decode] [--sync]
+
+`--sync` uses the blocking gRPC API with one thread per stream instead, for comparison.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +50,21 @@ async def _stream(address: str, decode: bool, counter: list[int]) -> None:
                 serde.decode_stream_item(raw)
 
 
+def _sync_stream(address: str, decode: bool, counter: list[int], lock: threading.Lock) -> None:
+    ch = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    sub = ch.unary_stream(
+        serde.SUBSCRIBE_METHOD, request_serializer=serde.encode_subscribe_request, response_deserializer=lambda b: b
+    )
+    try:
+        for raw in sub(SubscribeRequest(from_now=True)):
+            with lock:
+                counter[0] += 1
+            if decode:
+                serde.decode_stream_item(raw)
+    except grpc.RpcError:
+        return  # the generator went away at the end of the run
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts", type=int, default=512)
@@ -55,6 +73,7 @@ def main() -> int:
     ap.add_argument("--processes", type=int, default=4, help="fleet-sim processes")
     ap.add_argument("--base-port", type=int, default=27000)
     ap.add_argument("--decode", action="store_true", help="also decode every frame (protos.serde)")
+    ap.add_argument("--sync", action="store_true", help="blocking gRPC API, one thread per stream")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="gpusoc-floor-"))
@@ -87,8 +106,15 @@ def main() -> int:
     counter = [0]
     result: dict[str, object] = {}
 
+    lock = threading.Lock()
+
     async def run() -> None:
-        tasks = [asyncio.create_task(_stream(a, args.decode, counter)) for a in addresses]
+        if args.sync:
+            for a in addresses:
+                threading.Thread(target=_sync_stream, args=(a, args.decode, counter, lock), daemon=True).start()
+            tasks = []
+        else:
+            tasks = [asyncio.create_task(_stream(a, args.decode, counter)) for a in addresses]
         await asyncio.sleep(args.warmup)
         kids = gen.children(recursive=True)
         t0, c0, n0 = time.monotonic(), cpu_s(me), counter[0]
@@ -100,6 +126,7 @@ def main() -> int:
         result.update(
             {
                 "hosts": len(addresses),
+                "api": "sync" if args.sync else "aio",
                 "decode": args.decode,
                 "frames_per_s": round(frames / (t1 - t0), 1),
                 "receiver_cpu_pct_of_one_core": round(100 * (c1 - c0) / (t1 - t0), 1),
