@@ -81,6 +81,16 @@ class ClientStats:
     acks: int = 0  # Acknowledge calls the agent answered
 
 
+def _tls_hint(exc: BaseException) -> str:
+    """What an operator most likely got wrong, for the TLS failures a wrong file produces."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (" (--tls-ca must be the CA that issued the agents' certificates, e.g. pki/agent-ca.pem,"
+                " not the console CA)")
+    if isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc):
+        return " (the agent speaks plaintext: was it started with --insecure? then use --insecure here too)"
+    return ""
+
+
 def _backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     """Full-jitter exponential backoff (AWS architecture blog): uniform in [0, min(cap, base*2^n)]."""
     return random.uniform(0, min(cap, base * (2**attempt)))
@@ -149,7 +159,7 @@ class AgentClient:
             except grpc.aio.AioRpcError as exc:
                 self._set(DISCONNECTED, f"{exc.code().name}: {exc.details()}")
             except (OSError, ssl.SSLError, TimeoutError) as exc:
-                self._set(DISCONNECTED, f"{type(exc).__name__}: {exc}")
+                self._set(DISCONNECTED, f"{type(exc).__name__}: {exc}{_tls_hint(exc)}")
             attempt = min(attempt + 1, 8)
             await asyncio.sleep(_backoff(attempt))
 
