@@ -16,9 +16,13 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import socket
+import sys
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_any
 from pathlib import Path
 
 from agent.buffer import FrameBuffer
@@ -187,6 +191,58 @@ def _run_slice(indices: list[int], args: argparse.Namespace, start_ns: int, read
         asyncio.run(_serve_slice(indices, args, start_ns, ready))
     except KeyboardInterrupt:
         pass
+    except (OSError, RuntimeError) as exc:  # e.g. a port taken since the parent checked it
+        bind = isinstance(exc, OSError) or "bind" in str(exc)
+        (log.error if bind else log.exception)("fleet-sim process for hosts %s failed: %s",
+                                                ",".join(map(str, indices)), exc)
+        sys.exit(1)
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a server could bind host:port now (as gRPC does: SO_REUSEADDR, no SO_REUSEPORT)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
+def first_busy_port(base: int, n: int) -> int | None:
+    """The first port of base..base+n-1 on 127.0.0.1 that cannot be bound, or None."""
+    return next((p for p in range(base, base + n) if not port_free(p)), None)
+
+
+def next_free_block(after: int, n: int, tries: int = 64) -> int | None:
+    """A base port above `after` whose n ports are all free, or None (looks at `tries` blocks)."""
+    base = after + 1
+    for _ in range(tries):
+        if base + n - 1 > 65535:
+            return None
+        busy = first_busy_port(base, n)
+        if busy is None:
+            return base
+        base = busy + 1
+    return None
+
+
+def check_ports(args: argparse.Namespace) -> str | None:
+    """A one-line reason the fleet's ports cannot be used, or None when they all can."""
+    base, n = args.base_port, args.hosts
+    if n < 1:
+        return "--hosts must be at least 1"
+    if base < 1 or base + n - 1 > 65535:
+        return f"ports {base}..{base + n - 1} are out of range: choose --base-port between 1 and {65536 - n}"
+    busy = first_busy_port(base, n)
+    if busy is None:
+        return None
+    free = next_free_block(busy, n)
+    hint = f"try --base-port {free}" if free is not None else "choose another --base-port"
+    return (f"port {busy} on 127.0.0.1 is in use (the {n} hosts need ports {base}..{base + n - 1}); "
+            f"{hint}, or stop what listens there")
 
 
 def write_inventory(path: Path, args: argparse.Namespace) -> None:
@@ -210,10 +266,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_fleet(args: argparse.Namespace, ready_timeout: float = 120.0) -> int:
-    """Start the slices, wait for them to listen, then wait for a signal."""
+    """Start the slices, wait for them to listen, then wait for a signal.
+
+    Returns 2 at once when a port of the fleet is busy, 1 when a process fails to start or dies.
+    """
+    if not args.insecure and not args.pki:
+        raise SystemExit("gpusoc-agent fleet-sim: give --pki DIR (mTLS) or --insecure")
+    problem = check_ports(args)
+    if problem is not None:
+        print(f"gpusoc-agent fleet-sim: {problem}", file=sys.stderr)
+        return 2
     if not args.insecure:
-        if not args.pki:
-            raise SystemExit("gpusoc-agent fleet-sim: give --pki DIR (mTLS) or --insecure")
         from agent.pki import create_dev_pki
 
         pki = Path(args.pki)
@@ -229,12 +292,21 @@ def run_fleet(args: argparse.Namespace, ready_timeout: float = 120.0) -> int:
         p = ctx.Process(target=_run_slice, args=(sl, args, start_ns, ready), daemon=True)
         p.start()
         procs.append((p, ready))
-    for _p, ready in procs:
-        if not ready.wait(ready_timeout):
-            log.error("a fleet-sim process did not start in %.0f s", ready_timeout)
-            for q, _ in procs:
-                q.terminate()
+    deadline = time.monotonic() + ready_timeout
+    waiting = procs
+    while waiting:
+        waiting = [(p, ready) for p, ready in waiting if not ready.is_set()]
+        dead = [p for p, _ in waiting if p.exitcode is not None]
+        late = bool(waiting) and time.monotonic() > deadline
+        if dead or late:
+            if dead:
+                log.error("a fleet-sim process exited (code %s) before its hosts listened", dead[0].exitcode)
+            else:
+                log.error("a fleet-sim process did not start in %.0f s", ready_timeout)
+            _end(procs)
             return 1
+        if waiting:
+            wait_any([p.sentinel for p, _ in waiting], timeout=0.1)
     if args.inventory:  # written once every host listens, so a console finds them all up
         tmp = Path(args.inventory + ".tmp")
         write_inventory(tmp, args)
@@ -251,6 +323,14 @@ def run_fleet(args: argparse.Namespace, ready_timeout: float = 120.0) -> int:
     signal.signal(signal.SIGTERM, _stop)
     while not stop and all(p.is_alive() for p, _ in procs):
         time.sleep(0.5)
+    died = [p for p, _ in procs if not p.is_alive()]
+    if not stop and died:
+        log.error("a fleet-sim process exited (code %s): stopping the fleet", died[0].exitcode)
+    _end(procs)
+    return 0 if stop or not died else 1
+
+
+def _end(procs: Sequence[tuple[mp.process.BaseProcess, mp.synchronize.Event]]) -> None:
     for p, _ in procs:
         if p.is_alive():
             p.terminate()
@@ -258,4 +338,3 @@ def run_fleet(args: argparse.Namespace, ready_timeout: float = 120.0) -> int:
         p.join(10)
         if p.is_alive():
             p.kill()
-    return 0

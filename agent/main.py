@@ -31,6 +31,33 @@ def make_collector(simulate_gpus: int, host: str) -> Collector:
     return collector
 
 
+def _cannot_listen(listen: str, exc: RuntimeError) -> OSError:
+    """gRPC's bind failure as one line (exit 4), with the reason the kernel gives for the address now."""
+    import errno
+    import socket
+
+    host, _, port = listen.rpartition(":")
+    why, code = "", 0
+    try:
+        for family, kind, proto, _, addr in socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+                probe.bind(addr)
+    except OSError as err:
+        why, code = err.strerror or str(err), err.errno or 0
+    except ValueError:
+        why = str(exc)
+    if not why:
+        return OSError(f"cannot listen on {listen}: gRPC could not bind it, although the address binds now ({exc})")
+    if code == errno.EACCES:
+        return OSError(
+            f"cannot listen on {listen}: no permission ({why}); ports below 1024 need root or CAP_NET_BIND_SERVICE"
+        )
+    return OSError(f"cannot listen on {listen}: the port is in use or the address is not local ({why})")
+
+
 async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     """Run the tick loop and the gRPC server until SIGINT/SIGTERM."""
     from agent.serve import start_server
@@ -45,7 +72,10 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
 
         try:
             buffer = SpoolBuffer(
-                Path(c.state_dir) / "spool", max_bytes=int(c.buffer_max_bytes), max_age_s=float(c.buffer_seconds)
+                Path(c.state_dir) / "spool",
+                max_bytes=int(c.buffer_max_bytes),
+                max_age_s=float(c.buffer_seconds),
+                host=c.host,
             )
         except (SpoolError, OSError) as exc:
             log.error("%s: falling back to the in-memory buffer (a restart loses unsent frames)", exc)
@@ -70,7 +100,12 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
         control = controller_from_config(c, receiver.jobs, runtime.add_event)
     else:
         log.warning("control commands disabled: operator CA %s not found", c.operator_ca or "(unset)")
-    server, port = await start_server(runtime, c.listen, creds, control)
+    try:
+        server, port = await start_server(runtime, c.listen, creds, control)
+    except RuntimeError as exc:  # grpc: "Failed to bind to address X; set GRPC_VERBOSITY=debug ..."
+        if "Failed to bind" not in str(exc):
+            raise
+        raise _cannot_listen(c.listen, exc) from None
     from agent.integrity import IntegrityMonitor
 
     loop = asyncio.get_running_loop()

@@ -5,9 +5,10 @@ Two separate CAs from the start, so a stolen agent certificate can never act as 
 
     out_dir/
       agent-ca.pem   agent-ca.key      CA that signs agent (server) certificates
-      console-ca.pem console-ca.key    CA that signs console/operator (client) certificates
-      agents/<host>.pem   <host>.key   agent server cert: CN=<host>, SAN <host> localhost 127.0.0.1 ::1
-      consoles/<name>.pem <name>.key   console client cert: CN=<name>, EKU clientAuth
+      console-ca.pem console-ca.key    CA that signs console (client) certificates
+      agents/<host>.pem   <host>.key   agent server cert: CN=<host>, SAN <host> localhost 127.0.0.1 ::1,
+                                       EKU serverAuth only (TLS refuses it as a client certificate)
+      consoles/<name>.pem <name>.key   console client cert: CN=<name>, EKU clientAuth only
 
 Keys are ECDSA P-256 (PKCS#8 PEM, unencrypted, mode 0600). See docs/pki.md.
 
@@ -367,8 +368,9 @@ def _make_leaf(role: Role, name: str, ca: _Pair, now: dt.datetime, days: int) ->
             ips.insert(0, ip)
         san: list[x509.GeneralName] = [x509.DNSName(d) for d in dict.fromkeys(dns)]
         san += [x509.IPAddress(i) for i in ips]
-        # clientAuth too: harmless, and lets an agent dial out (e.g. to a collector) with the same cert.
-        eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        # serverAuth only: without clientAuth, TLS refuses an agent's certificate as a client certificate,
+        # so a stolen one cannot act as a console even where an agent trusts the agent CA by mistake.
+        eku = [ExtendedKeyUsageOID.SERVER_AUTH]
     else:
         san = []  # consoles are identified by CN alone; they never serve TLS
         eku = [ExtendedKeyUsageOID.CLIENT_AUTH]

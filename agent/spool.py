@@ -8,6 +8,7 @@ nothing happened. docs/reliability.md describes the format and the guarantees.
 
 Layout:
     epoch                         the epoch id (32 hex + newline), replaced atomically
+    host                          the host name the spool holds frames of (+ newline), replaced atomically
     seg-<first seq, 20 digits>.log segments of about `segment_bytes`, oldest first
     prio.log                      security/control frames rescued from force-evicted segments
 
@@ -31,6 +32,16 @@ their frames holding security/control events (`PRIORITY_KINDS`) are first copied
 under their original seq, so security events outlive every metric frame around them. Only
 when nothing but the active segment and prio.log is left are the oldest prio frames dropped.
 Every dropped range reaches subscribers as a Gap with reason "evicted".
+
+Host: the spool belongs to one host name (`host=`, the agent's identity), not to the machine.
+Its frames carry that name, and a console rejects frames whose host differs from the agent's
+certified identity, so a spool opened under another name must not be replayed. On open, when
+the `host` file names another host, the whole spool directory is renamed aside to
+`<dir>.<old host>.<UTC time>` in the same parent (kept, never deleted: an operator may still
+serve or inspect it) with a warning naming both hosts and the kept path, and a fresh spool with
+a new epoch starts in its place. A spool without a `host` file (written by an older version)
+adopts the current host, unless its newest frame names another host: then it is moved aside the
+same way. `host=None` (tests, tools) skips the check and leaves the file alone.
 """
 
 from __future__ import annotations
@@ -71,6 +82,7 @@ MAX_RECORD_BYTES: Final = 64 * MIB  # a longer length field is corruption, not a
 _SEG_NAME: Final = re.compile(r"^seg-(\d{20})\.log$")
 _EPOCH_RE: Final = re.compile(r"^[0-9a-f]{32}$")
 EPOCH_FILE: Final = "epoch"
+HOST_FILE: Final = "host"
 PRIO_FILE: Final = "prio.log"
 
 #: Event kinds that make a frame a priority (security/control) frame.
@@ -246,6 +258,7 @@ class SpoolBuffer(FrameBuffer):
         segment_bytes: int = 4 * MIB,
         cache_bytes: int = 8 * MIB,
         fsync: bool = True,
+        host: str | None = None,
     ) -> None:
         if max_bytes < 1 or segment_bytes < 1 or max_age_s < 0:
             raise ValueError("spool bounds must be positive")
@@ -264,6 +277,8 @@ class SpoolBuffer(FrameBuffer):
         self.rescued = 0  # priority frames copied to prio.log on a forced eviction
         self.truncated_bytes = 0  # torn/corrupt bytes cut off when opening
         self.reset_reason = ""  # why a new epoch was started, "" when the old one was kept
+        self.host = host  # whose frames the spool holds; None = not checked
+        self.moved_aside: Path | None = None  # where another host's spool was moved on open
         self._acked = 0
         self._changed = asyncio.Condition()
         self._segments: list[_Segment] = []
@@ -282,7 +297,11 @@ class SpoolBuffer(FrameBuffer):
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._take_lock()
-            self._open()
+            why = self._claim_host() if host is not None else ""
+            if why:
+                self._reset(why)
+            else:
+                self._open()
         except OSError as exc:
             self._close_fds()
             self._release_lock()
@@ -306,6 +325,106 @@ class SpoolBuffer(FrameBuffer):
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
+
+    # ------------------------------------------------------------------ host
+
+    def _claim_host(self) -> str:
+        """Make the spool this host's; returns why a fresh epoch is needed ("" = open as usual).
+
+        Called with the lock held, before anything of the spool is read for replay.
+        """
+        host = self.host
+        assert host is not None
+        recorded = self._read_host()
+        if recorded is None:
+            frame_host = self._newest_frame_host()  # a spool from before the host file
+            if frame_host is None or frame_host == host:
+                self._write_host()
+                return ""
+            recorded = frame_host
+        elif recorded == host:
+            return ""
+        aside = self._move_aside(recorded)
+        self.moved_aside = aside
+        log.warning("spool %s held frames of host %r, but this agent is %r: that spool is kept in %s "
+                    "(not replayed) and a new one starts", self.directory, recorded, host, aside)
+        self._write_host()
+        return f"host changed from {recorded!r} to {host!r}; old spool kept in {aside}"
+
+    def _read_host(self) -> str | None:
+        """The recorded host; None when there is no host file, "" when it is unreadable."""
+        try:
+            raw = (self.directory / HOST_FILE).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return raw.decode("utf-8").removesuffix("\n")
+        except UnicodeDecodeError:
+            return ""
+
+    def _write_host(self) -> None:
+        assert self.host is not None
+        d = self.directory
+        tmp = d / (HOST_FILE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _pwrite_all(fd, (self.host + "\n").encode("utf-8"), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, d / HOST_FILE)
+        _fsync_dir(d)
+
+    def _newest_frame_host(self) -> str | None:
+        """The `host` field of the newest intact frame in the segments, None if there is none."""
+        d = self.directory
+        names = sorted(((int(m.group(1)), p) for p in d.iterdir() if (m := _SEG_NAME.match(p.name))), reverse=True)
+        for first, path in names[:3]:  # the active segment may be empty after a roll
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            head = _parse_segment_header(data)
+            if head is None or head[1] != first:
+                continue
+            scan = _scan(data, first, sparse=False)
+            if not len(scan.index.offsets):
+                continue
+            start = int(scan.index.offsets[-1]) + _REC_HEADER.size
+            msg = telemetry_pb2.Frame()
+            try:
+                msg.ParseFromString(data[start : start + int(scan.index.lengths[-1])])
+            except DecodeError:
+                return None
+            return msg.host or None
+        return None
+
+    def _move_aside(self, old_host: str) -> Path:
+        """Rename the spool directory to `<name>.<old host>.<UTC time>` and reopen an empty one locked."""
+        d = self.directory
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", old_host)[:64].strip(".") or "unknown"
+        stem = f"{d.name}.{safe}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        target = d.parent / stem
+        n = 1
+        while target.exists():
+            target = d.parent / f"{stem}.{n}"
+            n += 1
+        try:
+            os.rename(d, target)
+        except OSError as exc:
+            raise SpoolError(exc.errno or errno.EIO,
+                             f"spool {d} holds frames of host {old_host!r}, not {self.host!r}, and could not be "
+                             f"moved aside to {target}: {exc.strerror or exc}; move or remove it") from exc
+        old_lock, self._lock_fd = self._lock_fd, None
+        try:
+            d.mkdir(mode=0o700, exist_ok=True)
+            self._take_lock()
+        finally:
+            if old_lock is not None:
+                with contextlib.suppress(OSError):
+                    os.close(old_lock)
+        _fsync_dir(d.parent)
+        return target
 
     def _release_lock(self) -> None:
         fd, self._lock_fd = getattr(self, "_lock_fd", None), None

@@ -168,6 +168,10 @@ class TrainingReceiver:
     the socket is chmod'ed to `socket_mode`, 0o666 by default: any local user's training job
     may report, which is safe because identity comes from the kernel, not the payload. Pass
     0o660 (and chown to a group) to restrict senders.
+
+    A socket file left behind by a crashed agent (connect() is refused) is unlinked before the
+    bind; a live one (another receiver answers) raises OSError(EADDRINUSE) naming the path, and a
+    file that is not a socket raises FileExistsError: neither is ever replaced.
     """
 
     def __init__(
@@ -416,4 +420,5 @@ def _remove_stale_socket(path: str) -> None:
         return  # vanished or unreadable: bind() will report what is wrong
     finally:
         probe.close()
-    raise OSError(errno.EADDRINUSE, "another receiver is bound to this socket", path)
+    raise OSError(errno.EADDRINUSE, "another receiver (a running agent?) is bound to this socket; stop it or give "
+                  "this agent its own --training-socket", path)

@@ -37,6 +37,27 @@ def open_channel(address: str, insecure: bool, ca: str | None, cert: str | None,
     return grpc.aio.secure_channel(address, channel_credentials(ca, cert, key))
 
 
+def connection_hint(code: grpc.StatusCode, details: str, *, insecure: bool, received: int = 0) -> str:
+    """What to change when the connection itself failed; "" when the error says enough."""
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    if insecure:
+        return " (an agent started without --insecure needs mTLS: give --ca, --cert and --key)"
+    if "WRONG_VERSION_NUMBER" in details:  # our TLS ClientHello was answered in plaintext
+        return " (is the agent running with --insecure? then pass --insecure)"
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return (
+            " (the agent's certificate was not accepted: --ca must be the agent CA that issued it,"
+            " pki/agent-ca.pem, and the certificate must be valid now)"
+        )
+    if "Socket closed" in details and received == 0:  # the agent ended the handshake: our certificate
+        return (
+            " (the agent may have refused --cert: its --tls-client-ca must be the console CA that issued it,"
+            " pki/console-ca.pem)"
+        )
+    return ""
+
+
 def _fmt(v: float) -> str:
     return "  n/a" if math.isnan(v) else f"{v:5.0f}"
 
@@ -79,9 +100,7 @@ async def watch(args: argparse.Namespace) -> int:
             if args.count and n >= args.count:
                 break
     except grpc.aio.AioRpcError as exc:
-        hint = ""
-        if args.insecure and exc.code() == grpc.StatusCode.UNAVAILABLE:
-            hint = " (an agent started without --insecure needs mTLS: give --ca, --cert and --key)"
+        hint = connection_hint(exc.code(), exc.details() or "", insecure=args.insecure, received=n)
         print(f"gpusoc-agent watch: {args.address}: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
         return 1
     finally:
