@@ -91,8 +91,20 @@ def run_replay(path: str) -> int:
     from console.ui.qt_main import QtMainWindow
     from console.ui.qt_replay import QtReplayBar
 
+    p = Path(path)
+    if not p.is_file():
+        print(f"gpusoc-console: --open {path}: {'not a file' if p.exists() else 'no such file'}", file=sys.stderr)
+        return 2
+    try:
+        source = ReplaySource(path)
+    except Exception as exc:  # not a DuckDB file, a newer format, locked by a running console...
+        hint = ""
+        if "lock" in str(exc).lower():
+            hint = f" (a running console holds it: replay an export, `gpusoc-console export --db {path} --out FILE`)"
+        print(f"gpusoc-console: --open {path}: cannot open it read-only: {str(exc).splitlines()[0]}{hint}",
+              file=sys.stderr)
+        return 2
     app = _qt_app()
-    source = ReplaySource(path)
     model = FleetModel(clock=lambda: source.position_ns)
     window = QtMainWindow(model, None)
     window.setWindowTitle(f"gpusoc console: replay of {Path(path).name} (read-only)")
@@ -118,6 +130,7 @@ def run_desktop(args: argparse.Namespace) -> int:
     from console.ingest.inventory import InventoryError
     from console.ingest.sink import FanoutSink
     from console.ingest.tls import ConsoleTls
+    from console.store.control import start_control_server
     from console.store.writer import StoreWriter
 
     demo = None
@@ -163,13 +176,18 @@ def run_desktop(args: argparse.Namespace) -> int:
     panels["alerts"].resolve_button.setEnabled(True)
     fleet = FleetIngest(AgentSource(agents), writer, tls, sink=FanoutSink(detection, bridge))
     fleet.start_thread()
-    LAST_RUN.update(writer=writer, fleet=fleet, bridge=bridge, detection=detection, window=window)
+    # `gpusoc-console query/export/alerts --db` from other processes (its own threads, no Qt);
+    # exports through it are audited and signed like the Response tab's actions.
+    control = start_control_server(writer, audit=respond["audit"])
+    LAST_RUN.update(writer=writer, fleet=fleet, bridge=bridge, detection=detection, window=window, control=control)
     window.setWindowTitle(f"gpusoc console: {db}" + ("  [DEMO: simulated fleet]" if demo else ""))
     window.resize(1500, 950)
     window.show()
     try:
         rc = int(app.exec())
     finally:
+        if control is not None:
+            control.stop()  # before the writer stops: requests in flight fail cleanly
         fleet.stop()
         fleet.join(10)
         detection.stop()

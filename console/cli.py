@@ -1,6 +1,8 @@
 """`gpusoc-console`: the desktop console, and its headless commands (collect, export, query).
 
 Subcommand-free invocation opens the window; `--demo` starts a local simulated fleet first.
+`query`, `export` and `alerts` open the store read-only; when a running console holds it, they
+ask that console over its control socket `<db>.ctl` instead (console/store/control.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from console import __version__
 
@@ -57,11 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--status-every", type=float, default=10.0, metavar="SECONDS", help="status line period")
     _add_tls(c)
 
-    e = sub.add_parser("export", help="write a standalone DuckDB file for auditors")
+    e = sub.add_parser("export", help="write a standalone DuckDB file for auditors and print its audit head "
+                                      "(asks the running console when one holds the store)")
     e.add_argument("--db", required=True)
     e.add_argument("--out", required=True)
 
-    q = sub.add_parser("query", help="run SQL against a store (read-only) and print the result")
+    q = sub.add_parser("query", help="run SQL against a store (read-only) and print the result "
+                                     "(asks the running console when one holds the store)")
     q.add_argument("--db", required=True)
     q.add_argument("sql")
     q.add_argument("--json", action="store_true", help="JSON lines instead of a table")
@@ -125,36 +130,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_collect(args)
     if args.cmd == "export":
-        from console.store.export import export_db
-
-        try:
-            info = export_db(args.db, args.out)
-        except Exception as exc:
-            print(f"gpusoc-console export: {exc}", file=sys.stderr)
-            return 1
-        import json
-
-        print(json.dumps(info, default=str, indent=1))
-        return 0
+        return _export(args)
     if args.cmd == "query":
-        from console.store.query import QueryError, format_json, format_table, run_query
-
-        try:
-            cols, rows = run_query(args.db, args.sql)
-        except QueryError as exc:
-            print(f"gpusoc-console query: {exc}", file=sys.stderr)
-            return 1
-        print(format_json(cols, rows) if args.json else format_table(cols, rows))
-        return 0
+        return _query(args)
     if args.cmd == "alerts":
-        from console.detect.alerts import list_alerts
-
-        try:
-            print(list_alerts(args.db, json=args.json, state=args.state, limit=args.limit))
-        except Exception as exc:
-            print(f"gpusoc-console alerts: {exc}", file=sys.stderr)
-            return 1
-        return 0
+        return _alerts(args)
     if args.cmd == "detect":
         from console.detect.alerts import format_alerts
         from console.detect.engine import detect_file
@@ -176,6 +156,123 @@ def main(argv: list[str] | None = None) -> int:
     from console.app import run_desktop
 
     return run_desktop(args)
+
+
+def _is_locked(exc: BaseException) -> bool:
+    """True when opening the store failed because another process holds DuckDB's file lock."""
+    from console.store.query import StoreLockedError
+
+    text = str(exc).lower()
+    return isinstance(exc, StoreLockedError) or "could not set lock" in text or "conflicting lock" in text
+
+
+def _ask_running_console(cmd: str, db: str, locked: BaseException, payload: dict[str, Any],
+                         timeout: float) -> tuple[bool, Any]:
+    """The store is locked: ask the console that holds it over `<db>.ctl` (docs/operator-guide.md).
+
+    Returns (True, result), or (False, None) after printing why on stderr.
+    """
+    from console.store import control
+
+    path = control.socket_path(db)
+    try:
+        result, pid = control.request(path, payload, timeout)
+    except control.ControlUnavailable as why:
+        _, holder = control.lock_holder(str(locked))
+        print(
+            f"gpusoc-console {cmd}: cannot open {db}: it is locked by {holder}, and no gpusoc console answers "
+            f"on {path} ({why}). If that process is a gpusoc console without a control socket (an older "
+            "version), stop it and run this again; otherwise stop the program that holds the file.",
+            file=sys.stderr,
+        )
+        return False, None
+    except control.ControlError as err:
+        _note_running_console(cmd, err.pid, path)
+        print(f"gpusoc-console {cmd}: {err}", file=sys.stderr)
+        return False, None
+    _note_running_console(cmd, pid, path)
+    return True, result
+
+
+def _note_running_console(cmd: str, pid: int | None, path: Path) -> None:
+    who = f"pid {pid}" if pid is not None else "pid ?"
+    print(f"gpusoc-console {cmd}: store is in use by a running console ({who}); asked it over {path}",
+          file=sys.stderr)
+
+
+def _export(args: argparse.Namespace) -> int:
+    import json
+
+    from console.store import control
+    from console.store.export import export_db
+
+    try:
+        info = export_db(args.db, args.out)
+    except Exception as exc:
+        if not _is_locked(exc):
+            print(f"gpusoc-console export: {exc}", file=sys.stderr)
+            return 1
+        out = str(Path(args.out).expanduser().resolve())  # the console's cwd is not ours
+        ok, info = _ask_running_console("export", args.db, exc, {"op": "export", "out": out},
+                                        control.DEFAULT_EXPORT_TIMEOUT_S + 60)
+        if not ok:
+            return 1
+    try:
+        head = control.audit_head_of(info["path"])  # the head of what the auditor receives
+    except Exception as exc:
+        print(f"gpusoc-console export: wrote {info.get('path')} but cannot read its audit head: {exc}",
+              file=sys.stderr)
+        return 1
+    for k in head:  # same keys in the same order on both paths (export_signed sets two of them)
+        info.pop(k, None)
+    info.update(head)
+    print(json.dumps(info, default=str, indent=1))
+    print(f"gpusoc-console export: {control.audit_head_note(head)}", file=sys.stderr)
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    from console.store import control
+    from console.store.query import QueryError, StoreLockedError, format_json, format_table, run_query
+
+    locked: StoreLockedError | None = None
+    try:
+        cols, rows = run_query(args.db, args.sql)
+    except StoreLockedError as exc:
+        locked = exc
+    except QueryError as exc:
+        print(f"gpusoc-console query: {exc}", file=sys.stderr)
+        return 1
+    if locked is not None:
+        ok, res = _ask_running_console("query", args.db, locked, {"op": "query", "sql": args.sql},
+                                       control.DEFAULT_QUERY_TIMEOUT_S + 60)
+        if not ok:
+            return 1
+        cols, rows = list(res["columns"]), control.decode_rows(res["types"], res["rows"])
+        if res.get("truncated"):
+            print(f"gpusoc-console query: the running console returned the first {len(rows)} rows only; "
+                  "add a LIMIT or aggregate, or export the store and query the copy", file=sys.stderr)
+    print(format_json(cols, rows) if args.json else format_table(cols, rows))
+    return 0
+
+
+def _alerts(args: argparse.Namespace) -> int:
+    from console.detect.alerts import Alert, format_alerts, list_alerts
+
+    try:
+        print(list_alerts(args.db, json=args.json, state=args.state, limit=args.limit))
+        return 0
+    except Exception as exc:
+        if not _is_locked(exc):
+            print(f"gpusoc-console alerts: {exc}", file=sys.stderr)
+            return 1
+        locked = exc
+    ok, res = _ask_running_console("alerts", args.db, locked,
+                                   {"op": "alerts", "state": args.state, "limit": args.limit}, 120.0)
+    if not ok:
+        return 1
+    print(format_alerts([Alert(**a) for a in res], as_json=args.json))
+    return 0
 
 
 if __name__ == "__main__":

@@ -40,9 +40,10 @@ def locked_message(db_path: str | Path, exc: BaseException) -> str:
     """Explain a lock failure in operator terms instead of DuckDB's."""
     return (
         f"cannot open {db_path}: it is in use by a running gpusoc collector/console "
-        "(DuckDB allows one writing process per file). Use the running console's export "
-        "(StoreWriter.export / the console's Export action) and query the exported copy, "
-        f"or stop the collector first. DuckDB said: {exc}"
+        "(DuckDB allows one writing process per file). While it runs, `gpusoc-console query`, "
+        "`export` and `alerts` on this file are answered by that process over its control socket "
+        f"({db_path}.ctl); run a second collector or window on another --db, or stop the first. "
+        f"DuckDB said: {exc}"
     )
 
 
