@@ -67,9 +67,11 @@ def main() -> int:
             rec["writer_queue"] = st["writer"].stats.get("queue_frames")
             rec["bridge_dropped"] = st["bridge"].dropped
             rec["alerts_raised"] = st["detection"].raised
+            rec["cache_trims"] = st["writer"].stats.get("cache_trims")
             try:  # DuckDB's own accounting (buffer pool + tracked allocations), to attribute RSS growth
-                rows = st["writer"].read_query("SELECT sum(memory_usage_bytes) FROM duckdb_memory()")
-                rec["duckdb_mb"] = round(float(rows[0][0] or 0) / 2**20, 1)
+                rows = st["writer"].read_query("SELECT tag, memory_usage_bytes FROM duckdb_memory()")
+                rec["duckdb_mb"] = round(sum(float(b or 0) for _, b in rows) / 2**20, 1)
+                rec["duckdb_tags_mb"] = {t: round(float(b) / 2**20, 1) for t, b in rows if b}
             except Exception as exc:  # a sample must not end the soak
                 rec["duckdb_mb"] = f"error: {exc}"
         samples.append(rec)

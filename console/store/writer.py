@@ -247,6 +247,8 @@ class StoreWriter:
             "rows_rolled_up": 0,
             "raw_rows_deleted": 0,
             "ledger_rows_compacted": 0,
+            "cache_trims": 0,
+            "cache_trims_skipped": 0,
         }
         self._rows: dict[str, int] = {t: 0 for t in ("frames", "gpu_samples", "train_samples", "events", "gaps")}
         self._last_error: str | None = None
@@ -1270,9 +1272,13 @@ class StoreWriter:
             con.execute(f"SET memory_limit = '{self.cache_limit}'")
         except duckdb.Error as exc:
             log.debug("block cache not trimmed (pinned by running queries?): %s", exc)
+            with self._state_lock:
+                self._counters["cache_trims_skipped"] += 1
             return False
         finally:
             con.execute(f"SET memory_limit = '{self.memory_limit}'")
+        with self._state_lock:
+            self._counters["cache_trims"] += 1
         return True
 
     def _mark_checkpointed(self) -> None:
