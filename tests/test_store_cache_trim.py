@@ -45,3 +45,15 @@ def test_maintenance_trims_block_cache(tmp_path: Path, cache_limit: str | None, 
 def test_sizes_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cache_limit"):
         StoreWriter(tmp_path / "s.duckdb", cache_limit="32MB'; DROP TABLE frames; --")
+
+
+def test_maintenance_releases_free_heap(tmp_path: Path) -> None:
+    import sys
+
+    w = StoreWriter(tmp_path / "s.duckdb")
+    w.start()
+    try:
+        result = w.run_maintenance()
+    finally:
+        w.stop()
+    assert result["heap_released"] is sys.platform.startswith("linux")  # glibc here; False elsewhere

@@ -19,6 +19,8 @@ Backpressure contract (for the ingest side):
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import datetime as dt
 import json
 import logging
@@ -1249,6 +1251,7 @@ class StoreWriter:
         con.execute("CHECKPOINT")
         self._mark_checkpointed()
         result["cache_trimmed"] = self._trim_cache(con)
+        result["heap_released"] = release_free_heap()
         with self._state_lock:
             self._counters["maintenance_runs"] += 1
             self._counters["rows_rolled_up"] += result["rolled_up_rows"]
@@ -1285,6 +1288,28 @@ class StoreWriter:
         with self._state_lock:
             self._checkpointed = {h: (r.epoch, r.seq) for h, r in self._resume.items()}
             self._last_checkpoint_ns = time.time_ns()
+
+
+def release_free_heap() -> bool:
+    """Hand glibc's free heap pages back to the OS (`malloc_trim(0)`); False where there is no glibc.
+
+    Why: ingest churns many short-lived buffers on several threads (gRPC, Arrow, numpy, Qt); glibc
+    keeps freed pages in its per-thread arenas, so a long-running console's RSS creeps although
+    its live heap is flat (docs/soak.md). Called once per maintenance run; costs milliseconds.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim is False:
+        return False
+    _malloc_trim(0)
+    return True
+
+
+_malloc_trim: Any = None  # libc's malloc_trim once looked up; False where unavailable
 
 
 def _hosts_table(rows: list[list[Any]]) -> pa.Table:
