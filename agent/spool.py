@@ -228,6 +228,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _replace_file(directory: Path, name: str, data: bytes, sync_dir: bool = True) -> None:
+    """Atomically replace a small state file (epoch, host): write a temp file, fsync, rename."""
+    tmp = directory / (name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        _pwrite_all(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, directory / name)
+    if sync_dir:
+        _fsync_dir(directory)
+
+
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -364,16 +378,7 @@ class SpoolBuffer(FrameBuffer):
 
     def _write_host(self) -> None:
         assert self.host is not None
-        d = self.directory
-        tmp = d / (HOST_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            _pwrite_all(fd, (self.host + "\n").encode("utf-8"), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, d / HOST_FILE)
-        _fsync_dir(d)
+        _replace_file(self.directory, HOST_FILE, (self.host + "\n").encode("utf-8"))
 
     def _newest_frame_host(self) -> str | None:
         """The `host` field of the newest intact frame in the segments, None if there is none."""
@@ -652,14 +657,7 @@ class SpoolBuffer(FrameBuffer):
             if _SEG_NAME.match(p.name) or p.name in (PRIO_FILE, EPOCH_FILE) or p.name.endswith(".tmp"):
                 p.unlink()
         self.epoch = new_epoch()
-        tmp = d / (EPOCH_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            _pwrite_all(fd, (self.epoch + "\n").encode("ascii"), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, d / EPOCH_FILE)
+        _replace_file(d, EPOCH_FILE, (self.epoch + "\n").encode("ascii"), sync_dir=False)
         self._segments = []
         self._firsts = []
         self._disk_bytes = 0

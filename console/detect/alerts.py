@@ -12,7 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -382,36 +382,26 @@ def _ns(value: Any) -> int:
     return int(value)
 
 
-def read_alerts(db_path: str | Path, state: str | None = None, limit: int | None = None) -> list[Alert]:
-    """Alerts stored in a DuckDB file (opened read-only), newest detection first."""
-    import duckdb
-
-    path = Path(db_path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such database file: {path}")
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        has = con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' AND table_name = 'alerts'"
-        ).fetchone()
-        if not has or not has[0]:
-            return []
-        sql = (
-            "SELECT alert_id, kind, severity, state, host, gpu_index, job_id, rank, epoch_ns(onset_ts), "
-            "epoch_ns(detected_ts), evidence, dedup_key, epoch_ns(updated_at) FROM alerts"
-        )
-        params: list[Any] = []
-        if state:
-            sql += " WHERE state = ?"
-            params.append(state)
-        sql += " ORDER BY detected_ts DESC, alert_id"
-        if limit:
-            sql += f" LIMIT {int(limit)}"
-        rows = con.execute(sql, params).fetchall()
-    finally:
-        con.close()
+def query_alerts(
+    query: Callable[[str, list[Any]], list[tuple[Any, ...]]], state: str | None = None, limit: int | None = None
+) -> list[Alert]:
+    """Stored alerts through any `query(sql, params) -> rows` (a file, or a live store's reader)."""
+    has = query("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' AND table_name = 'alerts'", [])
+    if not has or not has[0][0]:
+        return []
+    sql = (
+        "SELECT alert_id, kind, severity, state, host, gpu_index, job_id, rank, epoch_ns(onset_ts), "
+        "epoch_ns(detected_ts), evidence, dedup_key, epoch_ns(updated_at) FROM alerts"
+    )
+    params: list[Any] = []
+    if state:
+        sql += " WHERE state = ?"
+        params.append(state)
+    sql += " ORDER BY detected_ts DESC, alert_id"
+    if limit:
+        sql += f" LIMIT {int(limit)}"
     out = []
-    for aid, kind, sev, st, host, gpu, job, rank, onset, det, ev, key, upd in rows:
+    for aid, kind, sev, st, host, gpu, job, rank, onset, det, ev, key, upd in query(sql, params):
         try:
             evidence = json.loads(ev) if ev else {}
         except (TypeError, ValueError):
@@ -421,6 +411,20 @@ def read_alerts(db_path: str | Path, state: str | None = None, limit: int | None
             None if rank is None else int(rank), _ns(onset), _ns(det), evidence, str(key), _ns(upd),
         ))
     return out
+
+
+def read_alerts(db_path: str | Path, state: str | None = None, limit: int | None = None) -> list[Alert]:
+    """Alerts stored in a DuckDB file (opened read-only), newest detection first."""
+    import duckdb
+
+    path = Path(db_path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such database file: {path}")
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return query_alerts(lambda sql, params: con.execute(sql, params).fetchall(), state, limit)
+    finally:
+        con.close()
 
 
 def _fmt_ts(ns: int) -> str:

@@ -213,42 +213,13 @@ def decode_rows(types: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[tup
 # --------------------------------------------------------------------------- alerts
 
 
-_ALERTS_SQL: Final = (
-    "SELECT alert_id, kind, severity, state, host, gpu_index, job_id, rank, epoch_ns(onset_ts), "
-    "epoch_ns(detected_ts), evidence, dedup_key, epoch_ns(updated_at) FROM alerts"
-)
-
-
 def alerts_from_query(
     query: Callable[[str, list[object]], list[tuple[Any, ...]]], state: str | None = None, limit: int | None = None
 ) -> list[dict[str, Any]]:
     """The stored alerts as `Alert.to_dict()` dicts, newest detection first (what `alerts` prints)."""
-    from console.detect.alerts import Alert
+    from console.detect.alerts import query_alerts
 
-    has = query(
-        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' AND table_name = 'alerts'", []
-    )
-    if not has or not has[0][0]:
-        return []
-    sql = _ALERTS_SQL
-    params: list[object] = []
-    if state:
-        sql += " WHERE state = ?"
-        params.append(state)
-    sql += " ORDER BY detected_ts DESC, alert_id"
-    if limit:
-        sql += f" LIMIT {int(limit)}"
-    out = []
-    for aid, kind, sev, st, host, gpu, job, rank, onset, det, ev, key, upd in query(sql, params):
-        try:
-            evidence = json.loads(ev) if ev else {}
-        except (TypeError, ValueError):
-            evidence = {"raw": str(ev)}
-        out.append(Alert(
-            str(aid), str(kind), str(sev), str(st), host, None if gpu is None else int(gpu), job,
-            None if rank is None else int(rank), int(onset or 0), int(det or 0), evidence, str(key), int(upd or 0),
-        ).to_dict())
-    return out
+    return [a.to_dict() for a in query_alerts(query, state, limit)]
 
 
 # --------------------------------------------------------------------------- audit head
