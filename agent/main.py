@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import math
 import sys
@@ -66,6 +67,11 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
 
     interval = float(c.sample_interval_s)
     max_frames = max(60, math.ceil(float(c.buffer_seconds) / interval))
+    # TLS first: a refused start must not touch the spool (a host-name typo would move it aside).
+    creds = None
+    if not c.insecure:
+        creds = load_server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
+        check_host_matches_certificate(c.host, c.tls_cert)
     buffer: FrameBuffer | None = None
     if c.spool:
         from agent.spool import SpoolBuffer, SpoolError
@@ -78,6 +84,8 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
                 host=c.host,
             )
         except (SpoolError, OSError) as exc:
+            if exc.errno == errno.EBUSY:
+                raise  # another agent owns this state dir: refuse to start (exit 4) rather than run without it
             log.error("%s: falling back to the in-memory buffer (a restart loses unsent frames)", exc)
     if buffer is None:
         buffer = FrameBuffer(max_frames=max_frames, max_bytes=int(c.buffer_max_bytes))
@@ -89,10 +97,6 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
 
     if isinstance(collector, SimulatedCollector):
         collector.load_source = runtime.gpu_activity  # GPUs run hot while their ranks log
-    creds = None
-    if not c.insecure:
-        creds = load_server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
-        check_host_matches_certificate(c.host, c.tls_cert)
     control = None
     if c.operator_ca and Path(c.operator_ca).is_file():  # else commands are refused (no crypto loaded: -10 MB)
         from agent.act.controller import controller_from_config
@@ -103,6 +107,9 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     try:
         server, port = await start_server(runtime, c.listen, creds, control)
     except RuntimeError as exc:  # grpc: "Failed to bind to address X; set GRPC_VERBOSITY=debug ..."
+        receiver.close()  # no stale training socket left behind
+        if hasattr(buffer, "close"):
+            buffer.close()
         if "Failed to bind" not in str(exc):
             raise
         raise _cannot_listen(c.listen, exc) from None
