@@ -361,7 +361,9 @@ class SpoolBuffer(FrameBuffer):
         aside = self._move_aside(recorded)
         self.moved_aside = aside
         log.warning("spool %s held frames of host %r, but this agent is %r: that spool is kept in %s "
-                    "(not replayed) and a new one starts", self.directory, recorded, host, aside)
+                    "(not replayed) and a new one starts. If %r was the right name, stop the agent, move %s "
+                    "back to %s and start it with --host %s; otherwise delete %s once no console needs it",
+                    self.directory, recorded, host, aside, recorded, aside, self.directory, recorded, aside)
         self._write_host()
         return f"host changed from {recorded!r} to {host!r}; old spool kept in {aside}"
 

@@ -41,6 +41,8 @@ def connection_hint(code: grpc.StatusCode, details: str, *, insecure: bool, rece
     """What to change when the connection itself failed; "" when the error says enough."""
     if code != grpc.StatusCode.UNAVAILABLE:
         return ""
+    if "Connection refused" in details or "connection refused" in details:
+        return " (nothing listens there: is the agent running, and is this its --listen port?)"
     if insecure:
         return " (an agent started without --insecure needs mTLS: give --ca, --cert and --key)"
     if "WRONG_VERSION_NUMBER" in details:  # our TLS ClientHello was answered in plaintext

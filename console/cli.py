@@ -236,6 +236,11 @@ def _query(args: argparse.Namespace) -> int:
     from console.store.query import QueryError, StoreLockedError, format_json, format_table, run_query
 
     locked: StoreLockedError | None = None
+    try:  # the same read-only rules offline as through a running console's control socket
+        control.check_read_only(args.sql)
+    except control.ControlError as exc:
+        print(f"gpusoc-console query: {exc}", file=sys.stderr)
+        return 1
     try:
         cols, rows = run_query(args.db, args.sql)
     except StoreLockedError as exc:
@@ -260,7 +265,9 @@ def _alerts(args: argparse.Namespace) -> int:
     from console.detect.alerts import Alert, format_alerts, list_alerts
 
     try:
-        print(list_alerts(args.db, json=args.json, state=args.state, limit=args.limit))
+        text = list_alerts(args.db, json=args.json, state=args.state, limit=args.limit)
+        if text:  # JSON lines: no alerts is no output
+            print(text)
         return 0
     except Exception as exc:
         if not _is_locked(exc):
@@ -271,7 +278,9 @@ def _alerts(args: argparse.Namespace) -> int:
                                    {"op": "alerts", "state": args.state, "limit": args.limit}, 120.0)
     if not ok:
         return 1
-    print(format_alerts([Alert(**a) for a in res], as_json=args.json))
+    text = format_alerts([Alert(**a) for a in res], as_json=args.json)
+    if text:
+        print(text)
     return 0
 
 

@@ -272,6 +272,8 @@ def test_connection_hints() -> None:
     unavailable = grpc.StatusCode.UNAVAILABLE
     assert "pass --insecure" in connection_hint(unavailable, "...: WRONG_VERSION_NUMBER: ...", insecure=False)
     assert "needs mTLS" in connection_hint(unavailable, "Socket closed", insecure=True)
+    refused = "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Connection refused"
+    assert "nothing listens there" in connection_hint(unavailable, refused, insecure=True)
     assert "agent CA" in connection_hint(unavailable, "...: CERTIFICATE_VERIFY_FAILED: ...", insecure=False)
     assert "console CA" in connection_hint(unavailable, "Socket closed", insecure=False, received=0)
     assert connection_hint(unavailable, "Socket closed", insecure=False, received=5) == ""

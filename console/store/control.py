@@ -145,7 +145,7 @@ def check_read_only(sql: str, con: duckdb.DuckDBPyConnection | None = None) -> N
             raise ControlError(str(exc)) from exc
         if len(statements) != 1:
             raise ControlError(
-                f"refused: send exactly one statement over the control socket (got {len(statements)})", refused=True
+                f"refused: one statement per query, got {len(statements)}; run them one at a time", refused=True
             )
         _check_statement(parser, statements[0], 0)
     finally:
