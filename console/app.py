@@ -183,11 +183,13 @@ def run_desktop(args: argparse.Namespace) -> int:
     window.setWindowTitle(f"gpusoc console: {db}" + ("  [DEMO: simulated fleet]" if demo else ""))
     window.resize(1500, 950)
     window.show()
+    status_timer = _terminal_status(window, model, writer, detection, every_s=60.0)
     try:
         rc = int(app.exec())
     finally:
         if control is not None:
             control.stop()  # before the writer stops: requests in flight fail cleanly
+        status_timer.stop()
         fleet.stop()
         fleet.join(10)
         detection.stop()
@@ -200,6 +202,34 @@ def run_desktop(args: argparse.Namespace) -> int:
             demo.stop()
     return rc
 
+
+
+def terminal_status_line(counts: dict[str, int], n_hosts: int, writer_stats: dict[str, Any], raised: int,
+                         frames_before: int, seconds: float) -> str:
+    """One line for the terminal the console was started from (a window may not be visible)."""
+    frames = int(writer_stats.get("frames_committed") or 0)
+    rate = (frames - frames_before) / seconds if seconds > 0 else 0.0
+    return (f"gpusoc-console: hosts connected {counts.get('connected', 0)}/{n_hosts}, "
+            f"frames stored {frames} ({rate:.1f}/s), alerts raised {raised}, "
+            f"store {writer_stats.get('status', '?')}")
+
+
+def _terminal_status(window: Any, model: Any, writer: Any, detection: Any, every_s: float) -> Any:
+    """Print a status line every `every_s` from in-memory counters (no I/O on the GUI thread)."""
+    from PySide6.QtCore import QTimer
+
+    last = {"frames": 0}
+
+    def tick() -> None:
+        stats = writer.stats
+        print(terminal_status_line(model.state_counts(), model.n_hosts, stats, detection.raised,
+                                   last["frames"], every_s), flush=True)
+        last["frames"] = int(stats.get("frames_committed") or 0)
+
+    timer = QTimer(window)
+    timer.timeout.connect(tick)
+    timer.start(int(every_s * 1000))
+    return timer
 
 
 def _build_response(window: Any, writer: Any, tls: Any, panels: dict[str, Any], bridge: Any) -> dict[str, Any]:
