@@ -33,6 +33,7 @@ from protos.types import (
 log = logging.getLogger("gpusoc.agent")
 
 MAX_CARRIED_RECORDS = 4096  # SDK records kept across ticks that could not be buffered
+MAX_CARRIED_EVENTS = 1024  # events likewise (security events are few; this bounds a storm)
 
 CAPABILITIES = ["subscribe", "describe", "health", "gap_records", "training_sdk"]
 
@@ -147,11 +148,17 @@ class AgentRuntime:
             events=events,
             sdk_dropped=dropped,
         )
+        # Encoded outside the try: content that cannot be encoded must not be carried into every
+        # later tick (one bad event would stop the agent storing anything).
+        data = serde.encode_frame(frame)
         try:
-            await self.buffer.append(frame.seq, serde.encode_frame(frame))
+            await self.buffer.append(frame.seq, data)
         except Exception as exc:
+            if self.buffer.next_seq != frame.seq:
+                raise  # the frame got its seq (it failed after the write): it is stored, carry nothing
             # Keep what this tick carried for the next one; the GPU sample itself is lost.
-            self._pending_events[:0] = [e for e in events if e.kind != "ticks_not_stored"]
+            carried = [e for e in events if e.kind != "ticks_not_stored"]
+            self._pending_events[:0] = carried[-MAX_CARRIED_EVENTS:]
             self._carry_records = records[-MAX_CARRIED_RECORDS:]  # bounded while the disk stays full
             n, since_ns, _ = self._unstored or (0, ts, "")
             self._unstored = (n + 1, since_ns, f"{type(exc).__name__}: {exc}"[:300])

@@ -110,10 +110,23 @@ def encode_frame(frame: Frame) -> bytes:
             severity=e.severity,
             gpu_index=e.gpu_index,
             pid=e.pid,
-            detail=e.detail,
-            attrs=e.attrs,
+            detail=_utf8(e.detail),
+            attrs={_utf8(k): _utf8(v) for k, v in e.attrs.items()},
         )
     return msg.SerializeToString()
+
+
+def _utf8(text: str) -> str:
+    """Text protobuf can carry: file names that are not UTF-8 (surrogate-escaped) become `\\xff` escapes.
+
+    Why: an event naming such a file (integrity checks walk user-writable folders) must be
+    stored with an escaped name, not make the whole frame unencodable.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
 
 
 def _frame_from_msg(msg: telemetry_pb2.Frame) -> Frame:

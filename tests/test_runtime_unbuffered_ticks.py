@@ -106,3 +106,20 @@ def test_agent_gap_is_recorded_once_not_again_as_missing() -> None:
     store = asyncio.run(run())
     assert store.frames == [10, 12]
     assert [(g.first_seq, g.last_seq, g.reason) for g in store.gaps] == [(4, 9, "evicted"), (11, 11, "missing")]
+
+
+def test_an_event_naming_a_non_utf8_file_is_stored_escaped() -> None:
+    async def run() -> None:
+        buf = FlakyBuffer()
+        rt = AgentRuntime("gpu-a", SimulatedCollector(1, host="gpu-a"), buf, 0.1)
+        await rt.tick()
+        bad_name = b"/opt/job/\xff.py".decode("utf-8", "surrogateescape")  # a non-UTF-8 file name
+        rt.add_event(Event(1, "file_added", SEVERITY_WARNING, -1, 0, bad_name, {"path": bad_name}))
+        for _ in range(3):
+            await rt.tick()
+        assert buf.newest_seq == 4
+        stored = serde.decode_frame(buf._frames[1])
+        ev = [e for e in stored.events if e.kind == "file_added"]
+        assert len(ev) == 1 and ev[0].detail == "/opt/job/\\xff.py" and ev[0].attrs["path"] == ev[0].detail
+
+    asyncio.run(run())

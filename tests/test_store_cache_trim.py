@@ -57,3 +57,21 @@ def test_maintenance_releases_free_heap(tmp_path: Path) -> None:
     finally:
         w.stop()
     assert result["heap_released"] is sys.platform.startswith("linux")  # glibc here; False elsewhere
+
+
+def test_trim_waits_for_no_reader(tmp_path: Path) -> None:
+    """memory_limit is database-wide: no trim while a read runs (its query could fail OutOfMemory)."""
+    w = StoreWriter(tmp_path / "s.duckdb", memory_limit="256MB", cache_limit="4MB")
+    w.start()
+    try:
+        _fill(w)
+        with w.reading():  # e.g. a UI history query or a control-socket query in progress
+            during = w.run_maintenance()["cache_trimmed"]
+        after = w.run_maintenance()["cache_trimmed"]
+        stats = w.stats
+        limit = w.read_query("SELECT current_setting('memory_limit')")[0][0]
+    finally:
+        w.stop()
+    assert (during, after) == (False, True)
+    assert stats["cache_trims_skipped"] == 1 and stats["cache_trims"] == 1
+    assert "244" in str(limit) or "256" in str(limit), limit

@@ -623,10 +623,12 @@ class ControlServer:
         timer.start()
         with self._idle:
             self._running.add(cur)
+        reading = getattr(self.writer, "reading", None)  # a cache trim waits while this runs
         try:
-            cur.execute(sql)
-            desc = cur.description
-            rows = cur.fetchmany(limit + 1) if desc else []
+            with reading() if reading is not None else contextlib.nullcontext():
+                cur.execute(sql)
+                desc = cur.description
+                rows = cur.fetchmany(limit + 1) if desc else []
         except duckdb.InterruptException as exc:
             if self._stopping.is_set():
                 raise ControlError("query interrupted: the console is shutting down") from exc

@@ -29,7 +29,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import chain
@@ -225,6 +225,10 @@ class StoreWriter:
 
         self._state_lock = threading.Lock()
         self._reader_lock = threading.Lock()
+        self._reader_lock_cond = threading.Condition(self._reader_lock)
+        self._readers_active = 0  # read_query calls running now (a cache trim waits for none)
+        self._trimming = False
+        self._limit_restore_pending = False  # writer thread only
         self._reader_local = threading.local()
         self._reader_generation = 0
         self._resume: dict[str, _Resume] = {}
@@ -464,14 +468,32 @@ class StoreWriter:
         see committed data and never wait for the writer's lock). Statements are not restricted;
         use it for SELECTs.
         """
-        for attempt in (0, 1):
-            cur = self._thread_cursor(fresh=attempt == 1)
-            try:
-                return cur.execute(sql, params or []).fetchall()
-            except (duckdb.ConnectionException, duckdb.InvalidInputException):
-                if attempt == 1:
-                    raise
-        raise AssertionError("unreachable")
+        with self.reading():
+            for attempt in (0, 1):
+                cur = self._thread_cursor(fresh=attempt == 1)
+                try:
+                    return cur.execute(sql, params or []).fetchall()
+                except (duckdb.ConnectionException, duckdb.InvalidInputException):
+                    if attempt == 1:
+                        raise
+            raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Mark a read in progress on any cursor of this store (read_query, the control socket).
+
+        A cache trim lowers DuckDB's database-wide memory_limit for a moment; it is skipped while
+        a read runs, and a read that starts during one waits for it to end.
+        """
+        with self._reader_lock:
+            while self._trimming:
+                self._reader_lock_cond.wait(1.0)
+            self._readers_active += 1
+        try:
+            yield
+        finally:
+            with self._reader_lock:
+                self._readers_active -= 1
 
     def _thread_cursor(self, fresh: bool = False) -> duckdb.DuckDBPyConnection:
         local = self._reader_local
@@ -696,6 +718,8 @@ class StoreWriter:
 
     def _drain(self, stopping: bool) -> None:
         """Flush one batch (or everything while stopping / backlogged)."""
+        if self._limit_restore_pending and self._con is not None:
+            self._restore_memory_limit(self._con)
         while True:
             batch = self._take_batch()
             self._last_flush_mono = time.monotonic()
@@ -1271,18 +1295,38 @@ class StoreWriter:
         """
         if not (self.cache_limit and self.memory_limit):
             return False
-        try:
-            con.execute(f"SET memory_limit = '{self.cache_limit}'")
-        except duckdb.Error as exc:
-            log.debug("block cache not trimmed (pinned by running queries?): %s", exc)
+        with self._reader_lock:
+            busy = self._readers_active > 0
+            if not busy:
+                self._trimming = True  # readers starting now wait (briefly) for the trim to end
+        if busy:  # the limit is database-wide: a reader's query could fail under the low one
             with self._state_lock:
                 self._counters["cache_trims_skipped"] += 1
             return False
+        trimmed = False
+        try:
+            con.execute(f"SET memory_limit = '{self.cache_limit}'")
+            trimmed = True
+        except duckdb.Error as exc:
+            log.debug("block cache not trimmed (pinned by running queries?): %s", exc)
         finally:
-            con.execute(f"SET memory_limit = '{self.memory_limit}'")
+            self._restore_memory_limit(con)
+            with self._reader_lock:
+                self._trimming = False
+                self._reader_lock_cond.notify_all()
         with self._state_lock:
-            self._counters["cache_trims"] += 1
-        return True
+            self._counters["cache_trims" if trimmed else "cache_trims_skipped"] += 1
+        return trimmed
+
+    def _restore_memory_limit(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Put memory_limit back after a trim; on failure, retry before every flush until it holds."""
+        try:
+            con.execute(f"SET memory_limit = '{self.memory_limit}'")
+            self._limit_restore_pending = False
+        except duckdb.Error as exc:
+            self._limit_restore_pending = True
+            log.error("store memory_limit not restored to %s after a cache trim (retrying): %s",
+                      self.memory_limit, exc)
 
     def _mark_checkpointed(self) -> None:
         with self._state_lock:
