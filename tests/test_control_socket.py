@@ -227,7 +227,7 @@ def test_write_statements_are_refused(live: Live) -> None:
     for sql in ("EXPLAIN ANALYZE DELETE FROM frames", "SELECT 1; DELETE FROM frames", "PRAGMA enable_profiling",
                 "INSERT INTO frames SELECT * FROM frames", "COPY frames TO '/tmp/x.csv'", "CHECKPOINT",
                 "SET threads = 1", "ATTACH ':memory:' AS m", "CREATE TABLE x AS SELECT 1",
-                "UPDATE alerts SET state = 'x'"):
+                "UPDATE alerts SET state = 'x'", "SELECT * FROM checkpoint()", "SELECT enable_logging()"):
         with pytest.raises(ControlError) as err:
             live.server.query(sql)
         assert err.value.refused, sql

@@ -225,7 +225,11 @@ class AgentClient:
         timeout = max(1.0, min(10.0, self.ack_interval_s))
         while True:
             await asyncio.sleep(self.ack_interval_s)
-            position = self._durable_position()
+            try:
+                position = self._durable_position()
+            except Exception as exc:  # e.g. the store is stopping: try again next interval
+                log.debug("%s (%s): durable position unavailable: %s", self.address, self.host, exc)
+                continue
             if position is None or position == reported or position[1] < 1:
                 continue
             try:

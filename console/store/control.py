@@ -134,6 +134,13 @@ def _sun_path(path: Path) -> Iterator[str]:
 # --------------------------------------------------------------------------- statements
 
 
+_STATEFUL_FUNCTION: Final = re.compile(
+    r"\b(checkpoint|force_checkpoint|enable_logging|disable_logging|truncate_duckdb_logs|enable_profiling|"
+    r"disable_profiling|enable_checkpoint_on_shutdown|enable_object_cache)\s*\(",
+    re.IGNORECASE,
+)
+
+
 def check_read_only(sql: str, con: duckdb.DuckDBPyConnection | None = None) -> None:
     """Raise ControlError(refused=True) unless `sql` is exactly one read statement."""
     own = con is None
@@ -156,6 +163,10 @@ def check_read_only(sql: str, con: duckdb.DuckDBPyConnection | None = None) -> N
 def _check_statement(parser: duckdb.DuckDBPyConnection, st: Any, depth: int) -> None:
     kind = str(st.type).rsplit(".", 1)[-1]
     if kind == "SELECT":  # also WITH, DESCRIBE, SHOW, SUMMARIZE, FROM, VALUES
+        m = _STATEFUL_FUNCTION.search(st.query)
+        if m:  # table functions that act on the database or its settings, even inside a SELECT
+            raise ControlError(f"refused: {m.group(1)}() changes the database or its settings; "
+                               "the store is read-only from here", refused=True)
         return
     if kind == "PRAGMA":
         m = _PRAGMA_NAME.match(st.query)
@@ -299,6 +310,17 @@ def lock_holder(error_text: str) -> tuple[int | None, str]:
 # --------------------------------------------------------------------------- client
 
 
+def _check_server_owner(sock: socket.socket, path: Path) -> None:
+    """Only a console of this user (or root) may answer: a socket planted by another user in a
+    shared folder could otherwise return fake rows or a fake audit head."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid not in (os.getuid(), 0):
+        raise ControlUnavailable(f"control socket {path} is served by another user (uid {uid}); not asking it")
+
+
 def request(path: str | Path, payload: dict[str, Any], timeout: float = 60.0) -> tuple[Any, int | None]:
     """Send one request; returns (result, server pid). ControlUnavailable when nobody answers."""
     p = Path(path)
@@ -314,6 +336,7 @@ def request(path: str | Path, payload: dict[str, Any], timeout: float = 60.0) ->
             raise ControlUnavailable(f"control socket {p} is stale (nothing listens on it)") from exc
         except OSError as exc:
             raise ControlUnavailable(f"cannot connect to {p}: {exc.strerror or exc}") from exc
+        _check_server_owner(sock, p)
         sock.settimeout(timeout)
         try:
             sock.sendall(json.dumps(payload).encode() + b"\n")
