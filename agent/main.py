@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import logging
 import math
@@ -17,6 +18,10 @@ from agent.runtime import AgentRuntime
 from protos.types import Event
 
 log = logging.getLogger("gpusoc.agent")
+
+
+class StartupError(Exception):
+    """A setting the agent cannot start with (exit 2, one line)."""
 
 
 def make_collector(simulate_gpus: int, host: str) -> Collector:
@@ -60,7 +65,18 @@ def _cannot_listen(listen: str, exc: RuntimeError) -> OSError:
 
 
 async def serve_forever(c: AgentConfig, collector: Collector) -> None:
-    """Run the tick loop and the gRPC server until SIGINT/SIGTERM."""
+    """Run the tick loop and the gRPC server until SIGINT/SIGTERM.
+
+    Everything started is undone on the way out, in reverse order, also when a later part fails to
+    start (a /metrics port in use, a bad operator CA): no stale training socket, no spool left
+    unflushed or locked, no integrity thread.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(collector.close)
+        await _serve(c, collector, stack)
+
+
+async def _serve(c: AgentConfig, collector: Collector, stack: contextlib.AsyncExitStack) -> None:
     from agent.serve import start_server
     from agent.tls import check_host_matches_certificate, load_server_credentials
     from agent.training import TrainingReceiver
@@ -89,9 +105,13 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
             log.error("%s: falling back to the in-memory buffer (a restart loses unsent frames)", exc)
     if buffer is None:
         buffer = FrameBuffer(max_frames=max_frames, max_bytes=int(c.buffer_max_bytes))
+    close_buffer = getattr(buffer, "close", None)
+    if close_buffer is not None:
+        stack.callback(close_buffer)  # flushes and unlocks the spool
     # Poll every 5 ms while a loop logs, back to a blocking wait after 20 ms idle:
     # about 1% of a core with a loop logging at 10 Hz (docs/benchmarks.md).
     receiver = TrainingReceiver(c.training_socket or None, poll_interval_s=0.005, idle_after_s=0.02)
+    stack.callback(receiver.close)  # removes the training socket
     runtime = AgentRuntime(c.host, collector, buffer, interval, training=receiver)
     from agent.collect.simulated import SimulatedCollector
 
@@ -100,19 +120,24 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     control = None
     if c.operator_ca and Path(c.operator_ca).is_file():  # else commands are refused (no crypto loaded: -10 MB)
         from agent.act.controller import controller_from_config
+        from agent.pki import PkiError
 
-        control = controller_from_config(c, receiver.jobs, runtime.add_event)
+        try:
+            control = controller_from_config(c, receiver.jobs, runtime.add_event)
+        except PkiError as exc:
+            raise StartupError(
+                f"operator CA unusable (operator_ca / GPUSOC_AGENT_OPERATOR_CA): {exc}; point it at the PEM "
+                "certificate(s) of the operator CA that signs commands, or remove it to refuse all commands"
+            ) from None
     else:
         log.warning("control commands disabled: operator CA %s not found", c.operator_ca or "(unset)")
     try:
         server, port = await start_server(runtime, c.listen, creds, control)
     except RuntimeError as exc:  # grpc: "Failed to bind to address X; set GRPC_VERBOSITY=debug ..."
-        receiver.close()  # no stale training socket left behind
-        if hasattr(buffer, "close"):
-            buffer.close()
         if "Failed to bind" not in str(exc):
             raise
         raise _cannot_listen(c.listen, exc) from None
+    stack.push_async_callback(server.stop, 1.0)  # streams end before the spool closes
     from agent.integrity import IntegrityMonitor
 
     loop = asyncio.get_running_loop()
@@ -123,14 +148,21 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     )
 
     def to_next_frame(event: Event) -> None:  # called on the integrity thread
-        loop.call_soon_threadsafe(runtime.add_event, event)
+        with contextlib.suppress(RuntimeError):  # the loop closed while a check ran: the agent is stopping
+            loop.call_soon_threadsafe(runtime.add_event, event)
 
     integrity.start(to_next_frame)
-    exporter = None
+    stack.callback(integrity.stop)
     if c.metrics_listen:
         from agent.prometheus import MetricsExporter
 
-        exporter = MetricsExporter.from_listen(c.metrics_listen).start()
+        try:
+            exporter = MetricsExporter.from_listen(c.metrics_listen).start()
+        except OSError as exc:
+            raise OSError(
+                f"cannot serve /metrics on {c.metrics_listen} (--metrics-listen): {exc.strerror or exc}"
+            ) from None
+        stack.callback(exporter.close)
         runtime.frame_listeners.append(exporter.listener(collector.gpus()))
         log.info("Prometheus /metrics on %s (dcgm-exporter names)", c.metrics_listen)
     log.info(
@@ -151,15 +183,6 @@ async def serve_forever(c: AgentConfig, collector: Collector) -> None:
     log.info("stopping")
     runtime.stop()
     await task
-    await server.stop(grace=1.0)
-    close_buffer = getattr(buffer, "close", None)
-    if close_buffer is not None:
-        close_buffer()
-    integrity.stop()
-    if exporter is not None:
-        exporter.close()
-    receiver.close()
-    collector.close()
 
 
 def run_agent_cli(args: argparse.Namespace) -> int:
@@ -206,7 +229,7 @@ def run_agent_cli(args: argparse.Namespace) -> int:
         from agent.prometheus import MetricsUnavailableError
         from agent.tls import TlsFileError
 
-        if isinstance(exc, MetricsUnavailableError):
+        if isinstance(exc, MetricsUnavailableError | StartupError):
             print(f"gpusoc-agent: {exc}", file=sys.stderr)
             return 2
         if isinstance(exc, TlsFileError):

@@ -16,7 +16,7 @@ from console.models.alerts import AlertsModel, EventsLogModel
 from console.models.host import HostDrilldownModel
 from console.models.replay import ReplaySource
 from console.models.training import TrainingModel
-from console.ui.qt_alerts import QtAlertsPanel, QtEventsLog
+from console.ui.qt_alerts import ALERT_HEADERS, QtAlertsPanel, QtEventsLog
 from console.ui.qt_host import QtHostDrilldown
 from console.ui.qt_replay import QtReplayBar
 from console.ui.qt_training import HIGHLIGHT_COLOR, QtTrainingView
@@ -278,6 +278,8 @@ def test_alerts_panel_refreshes_on_worker_and_filters(qtbot: Any, db: tuple[Path
     assert [panel.table_model.row(i).alert_id for i in range(3)] == ["a3", "a2", "a1"]
     assert panel.table_model.data(panel.table_model.index(2, 1)) == "open"
     assert panel.table_model.data(panel.table_model.index(2, 2)) == "critical"
+    # this table predates alerts.simulated (schema 1): the data column says "not recorded"
+    assert panel.table_model.data(panel.table_model.index(2, ALERT_HEADERS.index("data"))) == "-"
     assert [panel.state_combo.itemText(i) for i in range(panel.state_combo.count())] == [
         "all", "open", "acknowledged", "resolved"]
     with qtbot.waitSignal(panel.refreshed, timeout=5000) as blocker:

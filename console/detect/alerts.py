@@ -130,6 +130,9 @@ class Alert:
     evidence: dict[str, Any]
     dedup_key: str
     updated_ns: int
+    # True when the evidence came from simulated GPUs (demo fleets, fleet-sim); None = not known
+    # (rows stored before schema version 2 whose host the store never saw).
+    simulated: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (evidence kept as an object)."""
@@ -147,6 +150,7 @@ class Alert:
             "evidence": self.evidence,
             "dedup_key": self.dedup_key,
             "updated_ns": self.updated_ns,
+            "simulated": self.simulated,
         }
 
 
@@ -179,10 +183,14 @@ class AlertBook:
     rises, the state changes, or `min_update_ns` passed since the last emission with changed
     evidence. A resolved alert that fires again re-opens (same row); an acknowledged one stays
     acknowledged while its condition persists.
+
+    `simulated_of`, when set, labels each alert as it is taken (`take_changed`): whether the data
+    behind it came from simulated GPUs. Once simulated, an alert stays so.
     """
 
     min_update_ns: int = 10_000_000_000
     alerts: dict[str, Alert] = field(default_factory=dict)
+    simulated_of: Callable[[Alert], bool] | None = None
     _changed: dict[str, Alert] = field(default_factory=dict)
     _last_emit: dict[str, int] = field(default_factory=dict)
     _active: dict[str, int] = field(default_factory=dict)  # key -> last time its condition held
@@ -291,9 +299,13 @@ class AlertBook:
 
     def take_changed(self) -> list[Alert]:
         """Alerts changed since the last call (copies, so callers may keep them)."""
+        if self.simulated_of is not None:
+            for a in self._changed.values():
+                if not a.simulated:
+                    a.simulated = self.simulated_of(a)
         out = [
             Alert(a.alert_id, a.kind, a.severity, a.state, a.host, a.gpu_index, a.job_id, a.rank, a.onset_ns,
-                  a.detected_ns, dict(a.evidence), a.dedup_key, a.updated_ns)
+                  a.detected_ns, dict(a.evidence), a.dedup_key, a.updated_ns, a.simulated)
             for a in self._changed.values()
         ]
         self._changed = {}
@@ -304,7 +316,7 @@ class AlertBook:
 
 ALERT_COLUMNS: Final[tuple[str, ...]] = (
     "alert_id", "kind", "severity", "state", "host", "gpu_index", "job_id", "rank",
-    "onset_ts", "detected_ts", "evidence", "dedup_key", "updated_at",
+    "onset_ts", "detected_ts", "evidence", "dedup_key", "updated_at", "simulated",
 )
 
 
@@ -328,41 +340,26 @@ def alerts_to_arrow(alerts: Sequence[Alert]) -> Any:
             "evidence": pa.array([evidence_json(a.evidence) for a in alerts], pa.string()),
             "dedup_key": pa.array([a.dedup_key for a in alerts], pa.string()),
             "updated_at": pa.array([a.updated_ns // 1000 for a in alerts], ts),
+            "simulated": pa.array([a.simulated for a in alerts], pa.bool_()),
         }
     )
-
-
-_ALERTS_DDL: Final = """
-CREATE TABLE IF NOT EXISTS alerts (
-    alert_id VARCHAR PRIMARY KEY,
-    kind VARCHAR NOT NULL,
-    severity VARCHAR NOT NULL,
-    state VARCHAR NOT NULL CHECK (state IN ('open', 'acknowledged', 'resolved')),
-    host VARCHAR,
-    gpu_index SMALLINT,
-    job_id VARCHAR,
-    rank INTEGER,
-    onset_ts TIMESTAMPTZ,
-    detected_ts TIMESTAMPTZ NOT NULL,
-    evidence VARCHAR,
-    dedup_key VARCHAR NOT NULL UNIQUE,
-    updated_at TIMESTAMPTZ NOT NULL
-)"""
 
 
 def upsert_alerts(con: Any, alerts: Sequence[Alert]) -> int:
     """Insert or update rows by alert_id on an open DuckDB connection; returns rows written.
 
     The store writer can call this inside its own transaction. The last version of a key in
-    `alerts` wins. Creates the table (same DDL as console/store/schema.py) if it is missing.
+    `alerts` wins. Creates the table (the store's DDL) if it is missing.
     """
+    from console.store.schema import DDL
+
     if not alerts:
         return 0
     latest: dict[str, Alert] = {}
     for a in alerts:
         latest[a.dedup_key] = a
     table = alerts_to_arrow(list(latest.values()))
-    con.execute(_ALERTS_DDL)
+    con.execute(DDL["alerts"])
     con.register("_gpusoc_alerts_in", table)
     try:
         # DuckDB's INSERT OR REPLACE handles one conflict target; ids derive from dedup keys,
@@ -389,9 +386,15 @@ def query_alerts(
     has = query("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' AND table_name = 'alerts'", [])
     if not has or not has[0][0]:
         return []
+    # Files written before schema version 2 have no alerts.simulated column.
+    sim = query(
+        "SELECT count(*) FROM duckdb_columns() WHERE schema_name = 'main' AND table_name = 'alerts' "
+        "AND column_name = 'simulated'", [],
+    )
+    sim_col = "simulated" if sim and sim[0][0] else "NULL"
     sql = (
         "SELECT alert_id, kind, severity, state, host, gpu_index, job_id, rank, epoch_ns(onset_ts), "
-        "epoch_ns(detected_ts), evidence, dedup_key, epoch_ns(updated_at) FROM alerts"
+        f"epoch_ns(detected_ts), evidence, dedup_key, epoch_ns(updated_at), {sim_col} FROM alerts"
     )
     params: list[Any] = []
     if state:
@@ -401,7 +404,7 @@ def query_alerts(
     if limit:
         sql += f" LIMIT {int(limit)}"
     out = []
-    for aid, kind, sev, st, host, gpu, job, rank, onset, det, ev, key, upd in query(sql, params):
+    for aid, kind, sev, st, host, gpu, job, rank, onset, det, ev, key, upd, simulated in query(sql, params):
         try:
             evidence = json.loads(ev) if ev else {}
         except (TypeError, ValueError):
@@ -409,6 +412,7 @@ def query_alerts(
         out.append(Alert(
             str(aid), str(kind), str(sev), str(st), host, None if gpu is None else int(gpu), job,
             None if rank is None else int(rank), _ns(onset), _ns(det), evidence, str(key), _ns(upd),
+            None if simulated is None else bool(simulated),
         ))
     return out
 
@@ -427,6 +431,11 @@ def read_alerts(db_path: str | Path, state: str | None = None, limit: int | None
         con.close()
 
 
+def data_label(simulated: bool | None) -> str:
+    """How tables show an alert's data source: SIMULATED, real, or - (not recorded)."""
+    return "-" if simulated is None else ("SIMULATED" if simulated else "real")
+
+
 def _fmt_ts(ns: int) -> str:
     if not ns:
         return "-"
@@ -439,14 +448,15 @@ def format_alerts(alerts: Sequence[Alert], as_json: bool = False) -> str:
         return "\n".join(json.dumps(_clean(a.to_dict()), sort_keys=True) for a in alerts)
     if not alerts:
         return "no alerts"
-    header = ("detected", "severity", "state", "kind", "host", "gpu", "job", "rank", "evidence")
+    header = ("detected", "severity", "state", "kind", "host", "gpu", "job", "rank", "data", "evidence")
     rows = []
     for a in alerts:
         ev = evidence_json(a.evidence)
         rows.append((
             _fmt_ts(a.detected_ns), a.severity, a.state, a.kind, a.host or "-",
             "-" if a.gpu_index is None else str(a.gpu_index), a.job_id or "-",
-            "-" if a.rank is None else str(a.rank), ev if len(ev) <= 100 else ev[:97] + "...",
+            "-" if a.rank is None else str(a.rank), data_label(a.simulated),
+            ev if len(ev) <= 100 else ev[:97] + "...",
         ))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]

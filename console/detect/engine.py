@@ -61,6 +61,7 @@ class DetectionEngine:
         self.config = config or DetectConfig()
         self.on_alert = on_alert
         self._st = DetectState(self.config, AlertBook(min_update_ns=self.config.ns(self.config.min_update_s)))
+        self._st.book.simulated_of = self._st.alert_is_simulated
         self._rules = rules if rules is not None else default_rules()
         self._auto_kinds = frozenset(k for r in self._rules if r.auto_resolve for k in r.kinds)
         # per hook, only the rules that implement it (dispatch cost is per frame and per event)
@@ -215,6 +216,8 @@ class DetectionEngine:
         count: dict[int, int] = {}
         for fr in frames:
             h = st.host(fr.host)
+            if fr.simulated and not h.simulated:
+                h.simulated = True
             if fr.epoch != h.epoch:
                 h.epoch = fr.epoch
                 h.last_seq = -1
@@ -291,6 +294,7 @@ class DetectionEngine:
         rec_counts: list[int] = []
         proc_hosts: list[HostState] = []
         proc_frames: list[Frame] = []
+        sim_jobs: set[str] = set()  # jobs with records in simulated frames (alerts get labelled)
         for h, fr in frames:
             if fr.events:
                 for ev in fr.events:
@@ -301,6 +305,8 @@ class DetectionEngine:
                 recs.extend(tr)
                 rec_slots.append(h.slot)
                 rec_counts.append(len(tr))
+                if fr.simulated:
+                    sim_jobs.update(rec.job_id for rec in tr)
             if fr.processes or h.proc_pids:
                 proc_hosts.append(h)
                 proc_frames.append(fr)
@@ -308,6 +314,9 @@ class DetectionEngine:
         b: RecordBatch | None = None
         if n:
             b = self._record_columns(recs, rec_slots, rec_counts)
+        for job_id in sim_jobs:
+            if job_id in st.jobs:
+                st.jobs[job_id].simulated = True
         for h, fr in zip(proc_hosts, proc_frames, strict=True):
             procs = fr.processes
             pids = [p.pid for p in procs]
@@ -654,8 +663,11 @@ def detect_file(db_path: str | Path, store: bool = False, config: DetectConfig |
     if store and alerts:
         import duckdb
 
+        from console.store.schema import ensure_schema
+
         con = duckdb.connect(str(db_path))
         try:
+            ensure_schema(con)  # an older file gains the columns the rows carry (alerts.simulated)
             K.upsert_alerts(con, alerts)
         finally:
             con.close()

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from console.detect.alerts import AlertBook
+from console.detect.alerts import Alert, AlertBook
 from protos.types import N_METRICS
 
 
@@ -114,6 +114,7 @@ class HostState:
     fresh_frame: bool = False  # a frame arrived in the current evaluation
     connected: bool = True
     n_gpus: int = 0
+    simulated: bool = False  # any frame from it said simulated (alerts about it are labelled so)
     proc_pids: list[int] = field(default_factory=list)  # process list of the newest frame
     proc_gpus: list[int] = field(default_factory=list)
     ranks_changed: bool = False  # a rank registered since the process list was last checked
@@ -131,6 +132,7 @@ class JobState:
     job_id: str
     index: int
     world_size: int = 0
+    simulated: bool = False  # records of it came in simulated frames
     ranks: dict[int, int] = field(default_factory=dict)  # rank -> rank index
     _ridx: np.ndarray | None = None
     fp_rank: dict[tuple[int, str], str] = field(default_factory=dict)  # (rank, field) -> value
@@ -313,6 +315,19 @@ class DetectState:
             self.jobs[job_id] = j
             self.job_list.append(j)
         return j
+
+    def alert_is_simulated(self, alert: Alert) -> bool:
+        """Whether the data behind `alert` is simulated: its host's or its job's frames said so.
+
+        An alert with neither host nor job (fleet-wide) is simulated when every host seen is.
+        """
+        h = self.hosts.get(alert.host) if alert.host else None
+        j = self.jobs.get(alert.job_id) if alert.job_id else None
+        if h is not None or j is not None:
+            return bool((h is not None and h.simulated) or (j is not None and j.simulated))
+        if alert.host or alert.job_id:
+            return False
+        return bool(self.host_list) and all(x.simulated for x in self.host_list)
 
     def compact(self) -> int:
         """Forget ranks silent for `rank_forget_s` (host clock) and jobs left without ranks.

@@ -54,11 +54,17 @@ class AlertRow:
     detected_ns: int
     evidence: str
     updated_ns: int
+    simulated: bool | None = None  # None: a file from before schema version 2 did not record it
 
     @property
     def severity_name(self) -> str:
         """'info' / 'warning' / 'critical' / 'unknown'."""
         return SEVERITY_NAMES.get(self.severity, "unknown")
+
+    @property
+    def data_label(self) -> str:
+        """SIMULATED, real, or - (not recorded): the badge the alerts table shows."""
+        return "-" if self.simulated is None else ("SIMULATED" if self.simulated else "real")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +93,10 @@ class EventRow:
 _ALERT_COLUMNS: Final = (
     "CAST(alert_id AS VARCHAR), kind, CAST(severity AS VARCHAR), state, host, gpu_index, job_id, rank, "
     "epoch_ns(onset_ts), epoch_ns(detected_ts), CAST(evidence AS VARCHAR), epoch_ns(updated_at)"
+)
+_HAS_SIMULATED: Final = (
+    "SELECT count(*) FROM duckdb_columns() WHERE schema_name = 'main' AND table_name = 'alerts' "
+    "AND column_name = 'simulated'"
 )
 
 EVENT_COLUMNS: Final = "host, epoch_ns(ts), kind, CAST(severity AS VARCHAR), gpu_index, pid, detail"
@@ -126,6 +136,7 @@ class AlertsModel:
         self._seen_states: set[str] = set(DEFAULT_ALERT_STATES)
         self._version = 0
         self._refreshed = False
+        self._sim_column: str | None = None  # "simulated" once seen (files before schema 2 lack it)
 
     @property
     def version(self) -> int:
@@ -162,7 +173,13 @@ class AlertsModel:
 
     def fetch(self, state: str | None = None) -> list[AlertRow]:
         """Read alerts (optionally only one state), newest first. I/O only: safe on a worker."""
-        sql = f"SELECT {_ALERT_COLUMNS} FROM alerts"
+        sim_column = self._sim_column
+        if sim_column is None:
+            has = self._query(_HAS_SIMULATED, [])
+            sim_column = "simulated" if has and has[0][0] else "NULL"
+            if sim_column != "NULL":
+                self._sim_column = sim_column  # a column never goes away; its absence is re-checked
+        sql = f"SELECT {_ALERT_COLUMNS}, {sim_column} FROM alerts"
         params: list[object] = []
         if state:
             sql += " WHERE state = ?"
@@ -170,11 +187,12 @@ class AlertsModel:
         sql += " ORDER BY detected_ts DESC, alert_id LIMIT ?"
         params.append(self._limit)
         out = []
-        for aid, kind, sev, st, host, gpu, job, rank, onset, detected, evidence, updated in self._query(sql, params):
+        rows = self._query(sql, params)
+        for aid, kind, sev, st, host, gpu, job, rank, onset, detected, evidence, updated, sim in rows:
             out.append(AlertRow(
                 str(aid), str(kind), severity_level(sev), str(st), host, None if gpu is None else int(gpu),
                 job, None if rank is None else int(rank), None if onset is None else int(onset),
-                int(detected or 0), str(evidence or ""), int(updated or 0),
+                int(detected or 0), str(evidence or ""), int(updated or 0), None if sim is None else bool(sim),
             ))
         return out
 

@@ -548,7 +548,7 @@ class ResponseModel:
             {"summary": "training telemetry advanced while the job is frozen", "step": step,
              "step_at_freeze": jv.baseline_step, "frozen_since_ns": since, "frame_ts_ns": frame.ts_unix_ns,
              "command_id": command_id, "frozen_hosts": sorted(jv.frozen)},
-            key, now,
+            key, now, frame.simulated,
         )
         self.alerts_raised.append(alert)
         if self.submit_on_writer is not None:

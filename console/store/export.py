@@ -87,8 +87,12 @@ def export_from_connection(
     method: str,
     source_db: str | None = None,
     storage_version: str | None = EXPORT_STORAGE_VERSION,
+    schema_version: int = SCHEMA_VERSION,
 ) -> dict[str, Any]:
     """Copy every table of `source_db` (default: the connection's database) into a new file.
+
+    `schema_version` is the source's (an offline export of an older file keeps its version, so
+    readers know which columns it has).
 
     Runs in one transaction on the caller's connection, so the copy is a consistent snapshot.
     Returns a summary (path, rows per table, time range, exported_at) that is also in `meta`.
@@ -114,7 +118,7 @@ def export_from_connection(
             maxs = [r[1] for r in raw_ranges.values() if r[1] is not None]
             ranges = {t: [_iso(lo), _iso(hi)] for t, (lo, hi) in raw_ranges.items()}
             meta: dict[str, str | None] = {
-                "schema_version": str(SCHEMA_VERSION),
+                "schema_version": str(schema_version),
                 "exported_at": exported_at,
                 "export_source_path": source_path,
                 "export_method": method,
@@ -143,7 +147,7 @@ def export_from_connection(
     return {
         "path": str(out),
         "bytes": out.stat().st_size,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version,
         "exported_at": exported_at,
         "source_path": source_path,
         "method": method,
@@ -189,7 +193,7 @@ def export_db(
             raise ValueError(f"{src} is not a gpusoc store (no meta.schema_version)")
         return export_from_connection(
             con, out_path, source_path=str(src), method="offline", source_db="gpusoc_export_src",
-            storage_version=storage_version,
+            storage_version=storage_version, schema_version=version,
         )
     finally:
         con.close()

@@ -11,7 +11,10 @@ from typing import Any, Final
 
 from protos.types import GPU_STATE_NAMES, METRIC_NAMES, METRIC_SCHEMA
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+# Version history (docs/schema.md):
+#   1: first release.
+#   2: alerts.simulated (whether the data behind an alert came from simulated GPUs).
 
 # Every table the store owns, in creation order (exports copy all of them).
 TABLES: Final[tuple[str, ...]] = (
@@ -182,7 +185,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     detected_ts TIMESTAMPTZ NOT NULL,
     evidence VARCHAR,
     dedup_key VARCHAR NOT NULL UNIQUE,
-    updated_at TIMESTAMPTZ NOT NULL
+    updated_at TIMESTAMPTZ NOT NULL,
+    simulated BOOLEAN
 )""",
     "audit_log": """
 CREATE TABLE IF NOT EXISTS audit_log (
@@ -236,18 +240,38 @@ def check_schema_version(con: Any) -> int | None:
     return version
 
 
+def _migrate(con: Any, version: int) -> None:
+    """Bring a store written by an older schema up to SCHEMA_VERSION, inside ensure_schema's txn.
+
+    Old rows are labelled from what the file itself knows, never guessed: an alert is simulated
+    when the `hosts` row of its host says so, and stays NULL (unknown) otherwise.
+    """
+    if version < 2:
+        con.execute("ALTER TABLE alerts ADD COLUMN IF NOT EXISTS simulated BOOLEAN")
+        con.execute(
+            "UPDATE alerts SET simulated = h.simulated FROM hosts h "
+            "WHERE alerts.host = h.host AND alerts.simulated IS NULL"
+        )
+    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+    con.execute(
+        "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+        [f"migrated_from_{version}", dt.datetime.now(dt.UTC).isoformat()],
+    )
+
+
 def ensure_schema(con: Any) -> int:
     """Create missing tables and stamp the version; raise SchemaVersionError on a newer database.
 
     Idempotent, so every open can call it. Returns the schema version now in the file.
     """
-    check_schema_version(con)
+    version = check_schema_version(con)
     now = dt.datetime.now(dt.UTC).isoformat()
     con.execute("BEGIN TRANSACTION")
     try:
         for name in TABLES:
             con.execute(DDL[name])
-        # (Migrations from older versions go here once SCHEMA_VERSION > 1.)
+        if version is not None and version < SCHEMA_VERSION:
+            _migrate(con, version)
         con.execute(
             "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('created_at', ?), "
             "('metric_schema', ?), ('metric_names', ?)",

@@ -115,14 +115,14 @@ def _severity_color(row: AlertRow | EventRow) -> str | None:
     return SEVERITY_COLORS.get(row.severity)
 
 
-ALERT_HEADERS: Final = ("detected", "state", "severity", "kind", "host", "gpu", "job", "rank", "evidence")
+ALERT_HEADERS: Final = ("detected", "state", "severity", "kind", "host", "gpu", "job", "rank", "data", "evidence")
 
 
 def _alert_cell(row: AlertRow, col: int) -> str:
     values = (
         format_ns(row.detected_ns), row.state, row.severity_name, row.kind, row.host or "",
         "" if row.gpu_index is None else str(row.gpu_index), row.job_id or "",
-        "" if row.rank is None else str(row.rank), row.evidence,
+        "" if row.rank is None else str(row.rank), row.data_label, row.evidence,
     )
     return values[col]
 

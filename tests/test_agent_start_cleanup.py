@@ -1,0 +1,86 @@
+"""A part of `gpusoc-agent run` that fails to start undoes what started before it.
+
+Review finding: a /metrics port in use (or a bad operator CA) after the training socket, the spool
+and the gRPC server were up left the socket file behind and the spool unflushed; the error read
+"[Errno 98] Address already in use" without saying which flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.collect.simulated import SimulatedCollector
+from agent.config import load_config
+from agent.main import serve_forever
+
+
+def _busy_port() -> socket.socket:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    return holder
+
+
+def test_metrics_port_in_use_exits_4_naming_the_flag_and_leaves_no_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "train.sock"
+    with _busy_port() as holder:
+        metrics = f"127.0.0.1:{holder.getsockname()[1]}"
+        cmd = [sys.executable, "-m", "agent.cli", "run", "--simulate-gpus", "1", "--host", "gpu-01", "--insecure",
+               "--listen", "127.0.0.1:0", "--training-socket", str(sock), "--metrics-listen", metrics]
+        env = {**os.environ, "GPUSOC_AGENT_STATE_DIR": str(tmp_path / "state"), "GPUSOC_AGENT_OPERATOR_CA": ""}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 4, proc.stderr
+    assert "Traceback" not in proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("gpusoc-agent:")]
+    assert ours == [f"gpusoc-agent: cannot serve /metrics on {metrics} (--metrics-listen): Address already in use"]
+    assert not sock.exists()
+    assert (tmp_path / "state" / "spool").is_dir()  # the spool was open, and was closed
+
+
+def test_failed_start_stops_the_server_and_the_integrity_thread(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        grpc_port = probe.getsockname()[1]
+    with _busy_port() as holder:
+        cfg = load_config(None, env={}, overrides={
+            "listen": f"127.0.0.1:{grpc_port}", "host": "gpu-01", "insecure": True,
+            "training_socket": str(tmp_path / "train.sock"), "metrics_listen": f"127.0.0.1:{holder.getsockname()[1]}",
+            "state_dir": str(tmp_path / "state"), "operator_ca": "",
+        })
+        collector = SimulatedCollector(1, host="gpu-01")
+        with pytest.raises(OSError, match="--metrics-listen"):
+            asyncio.run(serve_forever(cfg, collector))
+    assert not (tmp_path / "train.sock").exists()
+    for t in threading.enumerate():  # told to stop; it ends after the check under way
+        if t.name == "gpusoc-integrity":
+            t.join(timeout=60)
+            assert not t.is_alive()
+    with socket.socket() as again:  # the gRPC server let go of its port
+        again.bind(("127.0.0.1", grpc_port))
+    # and the spool can be opened again at once
+    from agent.spool import SpoolBuffer
+
+    SpoolBuffer(tmp_path / "state" / "spool", max_bytes=1 << 20, max_age_s=60, host="gpu-01").close()
+
+
+def test_unreadable_operator_ca_exits_2_in_one_line_and_leaves_no_socket(tmp_path: Path) -> None:
+    ca = tmp_path / "operator-ca.pem"
+    ca.write_text("not a certificate\n")
+    sock = tmp_path / "train.sock"
+    cmd = [sys.executable, "-m", "agent.cli", "run", "--simulate-gpus", "1", "--host", "gpu-01", "--insecure",
+           "--listen", "127.0.0.1:0", "--training-socket", str(sock)]
+    env = {**os.environ, "GPUSOC_AGENT_STATE_DIR": str(tmp_path / "state"), "GPUSOC_AGENT_OPERATOR_CA": str(ca)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("gpusoc-agent:")]
+    assert line.startswith("gpusoc-agent: operator CA unusable") and str(ca) in line
+    assert not sock.exists()
