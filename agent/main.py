@@ -37,14 +37,18 @@ def make_collector(simulate_gpus: int, host: str) -> Collector:
     return collector
 
 
-def _cannot_listen(listen: str, exc: RuntimeError) -> OSError:
-    """gRPC's bind failure as one line (exit 4), with the reason the kernel gives for the address now."""
-    import errno
+def _listen_problem(listen: str) -> OSError | None:
+    """Why `listen` cannot be bound now (one line, exit 4), or None: probed as gRPC binds it.
+
+    Checked before gRPC starts, so a port in use is reported in our words alone (gRPC's C core
+    logs its own "Failed to add port" line first) and before the spool is opened.
+    """
     import socket
 
     host, _, port = listen.rpartition(":")
-    why, code = "", 0
     try:
+        if int(port) == 0:
+            return None
         for family, kind, proto, _, addr in socket.getaddrinfo(
             host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         ):
@@ -52,16 +56,24 @@ def _cannot_listen(listen: str, exc: RuntimeError) -> OSError:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
                 probe.bind(addr)
     except OSError as err:
-        why, code = err.strerror or str(err), err.errno or 0
+        why = err.strerror or str(err)
+        if err.errno == errno.EACCES:
+            return OSError(
+                f"cannot listen on {listen}: no permission ({why}); ports below 1024 need root or "
+                "CAP_NET_BIND_SERVICE"
+            )
+        return OSError(f"cannot listen on {listen}: the port is in use or the address is not local ({why})")
     except ValueError:
-        why = str(exc)
-    if not why:
+        return None  # not HOST:PORT: the config check or gRPC says so
+    return None
+
+
+def _cannot_listen(listen: str, exc: RuntimeError) -> OSError:
+    """gRPC's bind failure as one line (exit 4), with the reason the kernel gives for the address now."""
+    problem = _listen_problem(listen)
+    if problem is None:
         return OSError(f"cannot listen on {listen}: gRPC could not bind it, although the address binds now ({exc})")
-    if code == errno.EACCES:
-        return OSError(
-            f"cannot listen on {listen}: no permission ({why}); ports below 1024 need root or CAP_NET_BIND_SERVICE"
-        )
-    return OSError(f"cannot listen on {listen}: the port is in use or the address is not local ({why})")
+    return problem
 
 
 async def serve_forever(c: AgentConfig, collector: Collector) -> None:
@@ -88,6 +100,9 @@ async def _serve(c: AgentConfig, collector: Collector, stack: contextlib.AsyncEx
     if not c.insecure:
         creds = load_server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
         check_host_matches_certificate(c.host, c.tls_cert)
+    problem = _listen_problem(c.listen)
+    if problem is not None:
+        raise problem
     buffer: FrameBuffer | None = None
     if c.spool:
         from agent.spool import SpoolBuffer, SpoolError
