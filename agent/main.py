@@ -118,6 +118,15 @@ async def _serve(c: AgentConfig, collector: Collector, stack: contextlib.AsyncEx
             if exc.errno == errno.EBUSY:
                 raise  # another agent owns this state dir: refuse to start (exit 4) rather than run without it
             log.error("%s: falling back to the in-memory buffer (a restart loses unsent frames)", exc)
+    if c.spool:
+        from agent.spool import kept_aside
+
+        old = kept_aside(Path(c.state_dir) / "spool")
+        if old:
+            log.warning("%d spool(s) kept after a host change (never deleted by the agent): %s; serve each as "
+                        "its host (rename it back to spool under that host's state dir) or delete it once no "
+                        "console needs its frames", len(old),
+                        ", ".join(f"{p} ({n / 1e6:.1f} MB)" for p, n in old))
     if buffer is None:
         buffer = FrameBuffer(max_frames=max_frames, max_bytes=int(c.buffer_max_bytes))
     close_buffer = getattr(buffer, "close", None)

@@ -254,6 +254,27 @@ def _pread_exact(fd: int, n: int, offset: int) -> bytes:
     return os.pread(fd, n, offset)
 
 
+def kept_aside(directory: Path) -> list[tuple[Path, int]]:
+    """Spools moved aside after a host change next to `directory`, with their size in bytes.
+
+    The agent never deletes them (they may hold another host's unstored frames); it names them at
+    every start so they are not forgotten.
+    """
+    out = []
+    try:
+        siblings = sorted(directory.parent.glob(f"{directory.name}.*"))
+    except OSError:
+        return []
+    for path in siblings:
+        if not path.is_dir() or path.is_symlink():
+            continue
+        size = 0
+        with contextlib.suppress(OSError):
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        out.append((path, size))
+    return out
+
+
 class SpoolBuffer(FrameBuffer):
     """FrameBuffer's public interface (epoch, seqs, append, start_cursor, stream) on disk.
 

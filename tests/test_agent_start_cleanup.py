@@ -8,6 +8,7 @@ and the gRPC server were up left the socket file behind and the spool unflushed;
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -84,3 +85,19 @@ def test_unreadable_operator_ca_exits_2_in_one_line_and_leaves_no_socket(tmp_pat
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("gpusoc-agent:")]
     assert line.startswith("gpusoc-agent: operator CA unusable") and str(ca) in line
     assert not sock.exists()
+
+
+def test_start_names_spools_kept_after_a_host_change(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    old = tmp_path / "state" / "spool.old-host.20260101T000000Z"
+    old.mkdir(parents=True)
+    (old / "seg-00000000000000000001.log").write_bytes(b"x" * 2_000_000)
+    with _busy_port() as holder:  # ends the start right after the spool opened
+        cfg = load_config(None, env={}, overrides={
+            "listen": "127.0.0.1:0", "host": "gpu-01", "insecure": True,
+            "training_socket": str(tmp_path / "train.sock"), "metrics_listen": f"127.0.0.1:{holder.getsockname()[1]}",
+            "state_dir": str(tmp_path / "state"), "operator_ca": "",
+        })
+        with caplog.at_level(logging.WARNING, logger="gpusoc.agent"), pytest.raises(OSError):
+            asyncio.run(serve_forever(cfg, SimulatedCollector(1, host="gpu-01")))
+    (msg,) = [r.getMessage() for r in caplog.records if "kept after a host change" in r.getMessage()]
+    assert str(old) in msg and "(2.0 MB)" in msg

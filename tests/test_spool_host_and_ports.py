@@ -21,7 +21,7 @@ import pytest
 from agent import sdk
 from agent.buffer import StreamItem
 from agent.fleetsim import check_ports, port_free, run_fleet
-from agent.spool import SpoolBuffer
+from agent.spool import SpoolBuffer, kept_aside
 from agent.training import TrainingReceiver
 from protos import serde
 from protos.types import TrainRecord
@@ -158,6 +158,8 @@ def test_odd_host_names_make_safe_aside_names_and_repeat_changes_keep_every_spoo
     assert len(kept) == 3 and all(p.parent == tmp_path and p.is_dir() for p in kept)
     assert all("/" not in p.name and not p.name.startswith("..") for p in kept)
     assert all((p / "epoch").is_file() and list(p.glob("seg-*.log")) for p in kept)
+    listed = kept_aside(d)  # what the agent names at every start
+    assert [p for p, _ in listed] == kept and all(n > 0 for _, n in listed)
 
 
 def test_unreadable_host_file_is_not_trusted(tmp_path: Path) -> None:
