@@ -142,6 +142,11 @@ async def _serve(c: AgentConfig, collector: Collector, stack: contextlib.AsyncEx
     if isinstance(collector, SimulatedCollector):
         collector.load_source = runtime.gpu_activity  # GPUs run hot while their ranks log
     control = None
+    if c.operator_ca and Path(c.operator_ca).exists() and not Path(c.operator_ca).is_file():
+        raise StartupError(
+            f"operator CA {c.operator_ca} is not a file (operator_ca / GPUSOC_AGENT_OPERATOR_CA): point it at the "
+            "operator CA's PEM certificate, e.g. /etc/gpusoc/tls/operator-ca.pem"
+        )
     if c.operator_ca and Path(c.operator_ca).is_file():  # else commands are refused (no crypto loaded: -10 MB)
         from agent.act.controller import controller_from_config
         from agent.pki import PkiError
@@ -188,7 +193,6 @@ async def _serve(c: AgentConfig, collector: Collector, stack: contextlib.AsyncEx
             ) from None
         stack.callback(exporter.close)
         runtime.frame_listeners.append(exporter.listener(collector.gpus()))
-        log.info("Prometheus /metrics on %s (dcgm-exporter names)", c.metrics_listen)
     log.info(
         "serving %s on %s (port %d), %s, training socket %s, epoch %s",
         c.host,
@@ -207,6 +211,15 @@ async def _serve(c: AgentConfig, collector: Collector, stack: contextlib.AsyncEx
     log.info("stopping")
     runtime.stop()
     await task
+
+
+def _os_error_text(exc: OSError) -> str:
+    """An OSError as a sentence: without Python's `[Errno N]` prefix, the file name after it."""
+    if exc.errno is None or not exc.strerror:
+        return str(exc)
+    if exc.filename and str(exc.filename) not in exc.strerror:
+        return f"{exc.strerror}: {exc.filename}"
+    return exc.strerror
 
 
 def run_agent_cli(args: argparse.Namespace) -> int:
@@ -247,7 +260,7 @@ def run_agent_cli(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve_forever(cfg, collector))
     except OSError as exc:
-        print(f"gpusoc-agent: {exc}", file=sys.stderr)
+        print(f"gpusoc-agent: {_os_error_text(exc)}", file=sys.stderr)
         return 4
     except Exception as exc:
         from agent.prometheus import MetricsUnavailableError

@@ -420,5 +420,5 @@ def _remove_stale_socket(path: str) -> None:
         return  # vanished or unreadable: bind() will report what is wrong
     finally:
         probe.close()
-    raise OSError(errno.EADDRINUSE, "another receiver (a running agent?) is bound to this socket; stop it or give "
-                  "this agent its own --training-socket", path)
+    raise OSError(errno.EADDRINUSE, f"training socket {path} is in use: another receiver (a running agent?) is "
+                  "bound to it; stop it or give this agent its own --training-socket", path)

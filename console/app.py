@@ -204,13 +204,13 @@ def run_desktop(args: argparse.Namespace) -> int:
 
 
 
-def terminal_status_line(counts: dict[str, int], n_hosts: int, writer_stats: dict[str, Any], raised: int,
+def terminal_status_line(counts: dict[str, int], n_hosts: int, writer_stats: dict[str, Any], alerts: str,
                          frames_before: int, seconds: float) -> str:
     """One line for the terminal the console was started from (a window may not be visible)."""
     frames = int(writer_stats.get("frames_committed") or 0)
     rate = (frames - frames_before) / seconds if seconds > 0 else 0.0
     return (f"gpusoc-console: hosts connected {counts.get('connected', 0)}/{n_hosts}, "
-            f"frames stored {frames} ({rate:.1f}/s), alerts raised {raised}, "
+            f"frames stored {frames} ({rate:.1f}/s), {alerts}, "
             f"store {writer_stats.get('status', '?')}")
 
 
@@ -222,7 +222,7 @@ def _terminal_status(window: Any, model: Any, writer: Any, detection: Any, every
 
     def tick() -> None:
         stats = writer.stats
-        print(terminal_status_line(model.state_counts(), model.n_hosts, stats, detection.raised,
+        print(terminal_status_line(model.state_counts(), model.n_hosts, stats, detection.summary(),
                                    last["frames"], every_s), flush=True)
         last["frames"] = int(stats.get("frames_committed") or 0)
 

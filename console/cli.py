@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.cmd in ("query", "alerts", "detect"):
+        _quiet_on_closed_pipe()
     if args.cmd == "collect":
         from console.collect import run_collect
 
@@ -156,6 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     from console.app import run_desktop
 
     return run_desktop(args)
+
+
+def _quiet_on_closed_pipe() -> None:
+    """`gpusoc-console alerts ... | head` ends quietly, as `cat` would, instead of printing Broken pipe.
+
+    Only for commands that print a result and exit: a long-running console must survive a peer
+    that closes a socket.
+    """
+    import signal
+
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
 def _is_locked(exc: BaseException) -> bool:

@@ -60,16 +60,8 @@ class StatusLine:
 
 def _alerts_text(sink: object) -> str:
     """Alerts open now (this run's detection) and how many raise/update events it stored."""
-    updates = getattr(sink, "raised", 0)
-    engine = getattr(sink, "engine", None)
-    try:
-        held = list(engine.alerts()) if engine is not None else None
-    except Exception:  # a status line must never stop collection
-        held = None
-    if held is None:
-        return f"alert updates {updates}"
-    n_open = sum(1 for a in held if a.state == "open")
-    return f"alerts open {n_open} of {len(held)} (alert updates {updates})"
+    summary = getattr(sink, "summary", None)
+    return summary() if callable(summary) else f"alert updates {getattr(sink, 'raised', 0)}"
 
 
 async def collect(fleet: FleetIngest, writer: object, status_every: float) -> None:

@@ -101,3 +101,49 @@ def test_start_names_spools_kept_after_a_host_change(tmp_path: Path, caplog: pyt
             asyncio.run(serve_forever(cfg, SimulatedCollector(1, host="gpu-01")))
     (msg,) = [r.getMessage() for r in caplog.records if "kept after a host change" in r.getMessage()]
     assert str(old) in msg and "(2.0 MB)" in msg
+
+
+def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "agent.cli", "run", "--simulate-gpus", "1", "--host", "gpu-01", "--insecure",
+           "--listen", "127.0.0.1:0", *extra]
+    env = {**os.environ, "GPUSOC_AGENT_STATE_DIR": str(tmp_path / "state"), "GPUSOC_AGENT_OPERATOR_CA": ""}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_resources_held_by_another_agent_are_named_without_errno_noise(tmp_path: Path) -> None:
+    """A trial found `gpusoc-agent: [Errno 98] ...` and `[Errno 16] ...`: the sentence alone, exit 4."""
+    from agent.spool import SpoolBuffer
+    from agent.training import TrainingReceiver
+
+    sock = tmp_path / "train.sock"
+    live = TrainingReceiver(str(sock), background=False)
+    try:
+        proc = _run(tmp_path, "--no-spool", "--training-socket", str(sock))
+    finally:
+        live.close()
+    assert proc.returncode == 4, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("gpusoc-agent:")]
+    assert line == (f"gpusoc-agent: training socket {sock} is in use: another receiver (a running agent?) is bound "
+                    "to it; stop it or give this agent its own --training-socket")
+
+    held = SpoolBuffer(tmp_path / "state" / "spool", host="gpu-01", fsync=False)
+    try:
+        proc = _run(tmp_path, "--training-socket", str(tmp_path / "other.sock"))
+    finally:
+        held.close()
+    assert proc.returncode == 4, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("gpusoc-agent:")]
+    assert line.startswith(f"gpusoc-agent: spool {tmp_path / 'state' / 'spool'} is in use by another agent (pid ")
+    assert "[Errno" not in proc.stderr
+    assert not (tmp_path / "other.sock").exists()
+
+
+def test_operator_ca_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "agent.cli", "run", "--simulate-gpus", "1", "--host", "gpu-01", "--insecure",
+           "--listen", "127.0.0.1:0", "--training-socket", str(tmp_path / "t.sock")]
+    env = {**os.environ, "GPUSOC_AGENT_STATE_DIR": str(tmp_path / "state"), "GPUSOC_AGENT_OPERATOR_CA": str(tmp_path)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("gpusoc-agent:")]
+    assert line.startswith(f"gpusoc-agent: operator CA {tmp_path} is not a file")
+    assert not (tmp_path / "t.sock").exists()

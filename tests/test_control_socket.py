@@ -371,22 +371,19 @@ def test_status_line_rates_and_alert_labels() -> None:
     class Client:
         stats = Stats()
 
-    class Engine:
-        def alerts(self) -> list[Alert]:
-            return [_alert("a", "open", 1), _alert("b", "resolved", 1)]
+    from console.detect.runner import DetectionRunner
 
-    class Sink:
-        raised = 7
-        engine = Engine()
+    sink = DetectionRunner(writer=None)
+    sink.open_now, sink.held, sink.raised = 1, 2, 7
 
     class Fleet:
         clients = {"h1": Client()}
-        sink = Sink()
 
         def statuses(self) -> list[object]:
             return []
 
     fleet = Fleet()
+    fleet.sink = sink  # type: ignore[attr-defined]
     line = StatusLine(fleet, object(), started=time.monotonic() - 100)  # type: ignore[arg-type]
     Client.stats.frames = 10_000  # the backlog replayed right after start
     line()
@@ -420,3 +417,39 @@ def test_offline_query_applies_the_same_read_only_rules(tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "console.cli", "query", "--db", str(db), "SELECT x FROM t"],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "1" in ok.stdout
+
+
+# --------------------------------------------------------------------------- audit rows and parameters for `command`
+
+
+def test_audit_rows_from_another_process_join_the_chain(live: Live) -> None:
+    from console.respond.audit import ControlSocketAudit
+
+    remote = ControlSocketAudit(socket_path(live.db))
+    seq0 = live.chain.head[0]
+    got = remote.append_many([("alice:responder", "command.issued", "job-a", {"n": 1, "x": [1.5, "é"]}),
+                              ("console", "command.outcome", "job-a", None)])
+    assert [r["seq"] for r in got] == [seq0 + 1, seq0 + 2]
+    assert live.chain.head == (seq0 + 2, bytes.fromhex(got[-1]["hash"]))  # the owner's chain moved on
+    assert remote.sign_head() == {"seq": seq0 + 2}
+    rows = live.writer.read_query("SELECT payload FROM audit_log WHERE seq = ?", [seq0 + 1])
+    assert rows == [('{"n":1,"x":[1.5,"é"]}',)]  # the JSON the chain hashes, as if appended locally
+
+
+def test_bad_audit_requests_are_refused_and_append_nothing(live: Live) -> None:
+    seq0 = live.chain.head[0]
+    for bad in (None, [], [["only", "three", None]], [[1, "a", None, None]], [["a", "b", 3, None]]):
+        resp = live.server.handle({"op": "audit_append", "records": bad})
+        assert not resp["ok"] and "records" in resp["error"]
+    assert live.chain.head[0] == seq0
+    chainless = ControlServer(live.writer)
+    resp = chainless.handle({"op": "audit_append", "records": [["a", "b", None, None]]})
+    assert not resp["ok"] and resp["refused"] and "no audit chain" in resp["error"]
+
+
+def test_query_parameters_through_the_socket(live: Live) -> None:
+    res, _pid = request(socket_path(live.db), {"op": "query", "sql": "SELECT count(*) FROM frames WHERE seq > ?",
+                                               "params": [2]})
+    assert res["rows"] == [[3]]
+    resp = live.server.handle({"op": "query", "sql": "SELECT ?", "params": [{"not": "a scalar"}]})
+    assert not resp["ok"] and "params" in resp["error"]

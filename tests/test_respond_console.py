@@ -672,6 +672,52 @@ def test_cli_freeze_resume_request_approve_exit_codes(fleet: Fleet, pki: Pki, tm
     assert run_command(_cli(["unpin", "gpu-a", "--state-dir", str(tmp_path / "state")])) == 1
 
 
+def test_cli_freeze_records_through_the_collector_that_holds_the_store(
+        fleet: Fleet, pki: Pki, tmp_path: Path, job_procs: list[subprocess.Popen[bytes]],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A trial found `command --db` failing with DuckDB's lock error while `collect` held the store:
+    it now reads the job's hosts and appends its audit rows through the collector's `<db>.ctl`."""
+    db = _seed_store(tmp_path / "store.duckdb")
+    state = tmp_path / "collector-state"
+    env = {**os.environ, "GPUSOC_CONSOLE_STATE_DIR": str(state)}
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "console.cli", "collect", "--agents", f"127.0.0.1:{_free_port()}", "--insecure",
+         "--db", str(db)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        ctl = Path(f"{db}.ctl")
+        deadline = time.monotonic() + 60
+        while not ctl.exists() and collector.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ctl.exists(), collector.stderr.read().decode() if collector.poll() is not None else "no socket"
+        common = ["--agents", *[fleet.addresses[h] for h in HOSTS], *_tls_args(pki),
+                  "--state-dir", str(tmp_path / "cli-state"), "--db", str(db), "--commit-delay", "0.5"]
+        assert run_command(_cli(["freeze", "--job", JOB, "--reason", "held store", *common,
+                                 *_op_args(pki, "alice")])) == 0
+        captured = capsys.readouterr()
+        assert "2/2 confirmed" in captured.out and "recording through" in captured.err
+        assert all(_stopped(p.pid) for p in job_procs)
+        # a job the store has no records of is still refused, through the socket too
+        assert run_command(_cli(["freeze", "--job", "no-such-job", *common, *_op_args(pki, "alice")])) == 2
+        assert "no training records" in capsys.readouterr().err
+    finally:
+        collector.terminate()
+        collector.wait(timeout=60)
+    con = duckdb.connect(str(db), read_only=True)
+    rows = con.execute("SELECT seq, epoch_us(ts) * 1000, actor, action, target, payload, prev_hash, hash "
+                       "FROM audit_log ORDER BY seq").fetchall()
+    heads = con.execute("SELECT seq, hash, epoch_us(signed_at) * 1000, key_id, signature FROM audit_heads").fetchall()
+    con.close()
+    key = serialization.load_pem_private_key((state / "audit-key.pem").read_bytes(), None)
+    assert isinstance(key, Ed25519PrivateKey)
+    report = verify_rows(rows, heads, [key.public_key()])
+    assert report.ok, report
+    actions = [r[3] for r in rows]
+    # one chain: the collector's own rows around the command's, in order, signed by the collector's key
+    assert actions[0] == "collect.start" and actions[-1] == "collect.stop"
+    assert "command.issued" in actions and "command.outcome" in actions
+    assert not (tmp_path / "cli-state" / "audit-key.pem").exists()  # the CLI never signed anything itself
+
+
 # --------------------------------------------------------------------------- the panel (pytest-qt, offscreen)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from console.detect.alerts import Alert, upsert_alerts
+from console.detect.alerts import OPEN, Alert, upsert_alerts
 from console.detect.engine import DetectionEngine
 from console.ingest.sink import HostStatus
 from protos.types import Description, Frame, Gap
@@ -36,7 +36,9 @@ class DetectionRunner:
         self.writer = writer
         self.interval_s = interval_s
         self.on_alerts = on_alerts
-        self.raised = 0
+        self.raised = 0  # alert raise/update events handed to the store
+        self.open_now = 0  # alerts open after the last evaluation (set on the detection thread)
+        self.held = 0  # alerts the engine holds in any state
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpusoc-detect", daemon=True)
 
@@ -48,6 +50,10 @@ class DetectionRunner:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def summary(self) -> str:
+        """`alerts open N of M (alert updates K)` for status lines, from counters (any thread)."""
+        return f"alerts open {self.open_now} of {self.held} (alert updates {self.raised})"
 
     # IngestSink (ingest thread): queue only.
     def on_description(self, address: str, desc: Description) -> None:
@@ -65,6 +71,8 @@ class DetectionRunner:
     def tick(self, now_ns: int | None = None) -> list[Alert]:
         """Evaluate once and hand new/changed alerts to the store and the listener."""
         alerts = self.engine.evaluate(now_ns)
+        held = self.engine.alerts()
+        self.open_now, self.held = sum(1 for a in held if a.state == OPEN), len(held)
         if alerts:
             self.raised += len(alerts)
             if self.writer is not None:

@@ -24,7 +24,7 @@ from typing import Any, Final, TypeVar
 
 import duckdb
 
-from console.respond.audit import AuditChain, Runner
+from console.respond.audit import AuditTrail, Runner
 from console.respond.commands import (
     CommandError,
     Operator,
@@ -197,7 +197,7 @@ class PendingRequest:
 
 
 def create_request(operator: Operator, payload: CommandPayload, required: int | None = None, *,
-                   agents: Mapping[str, str] | None = None, audit: AuditChain | None = None,
+                   agents: Mapping[str, str] | None = None, audit: AuditTrail | None = None,
                    now_ns: int | None = None) -> PendingRequest:
     """Operator A signs `payload`; the request waits for `required - 1` more distinct operators."""
     need = required if required is not None else required_signers(payload.action, payload.break_glass)
@@ -212,7 +212,7 @@ def create_request(operator: Operator, payload: CommandPayload, required: int | 
     return req
 
 
-def approve(request: PendingRequest, operator: Operator, *, audit: AuditChain | None = None,
+def approve(request: PendingRequest, operator: Operator, *, audit: AuditTrail | None = None,
             now_ns: int | None = None) -> CommandEnvelope:
     """Operator B reviews and co-signs: refused (ApprovalError, audited) for the same operator, an
     operator whose role may not approve, an expired or already decided request, or a bad signature."""
@@ -389,7 +389,7 @@ class ApprovalStore:
         params.append(command_id)
         self._run(lambda con: con.execute(f"UPDATE pending_commands SET {sets} WHERE command_id = ?", params))
 
-    def cancel(self, command_id: str, operator: str, audit: AuditChain | None = None) -> None:
+    def cancel(self, command_id: str, operator: str, audit: AuditTrail | None = None) -> None:
         """Withdraw a pending request (audited)."""
         self.set_state(command_id, CANCELLED, operator, "cancelled by operator")
         if audit is not None:

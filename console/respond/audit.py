@@ -445,6 +445,53 @@ def ensure_audit_tables(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(AUDIT_HEADS_DDL)
 
 
+class AuditTrail(Protocol):
+    """What code that records actions needs of a chain: AuditChain in the process that owns the
+    store, ControlSocketAudit in a CLI while another process (collect, a window) owns it."""
+
+    def append(self, actor: str, action: str, target: str | None = None, payload: Any = None) -> object: ...
+
+    def append_many(self, records: Iterable[AuditRecord]) -> object: ...
+
+    def sign_head(self) -> object: ...
+
+
+class ControlSocketAudit:
+    """Appends through the control socket of the console that holds the store (`<db>.ctl`).
+
+    That console's AuditChain stays the chain's only writer: rows are hashed, stored and signed
+    there, in order with its own. Payloads travel as the JSON the chain would hash, so a row reads
+    the same as if it had been appended locally.
+    """
+
+    def __init__(self, socket_path: str | Path, timeout: float = 60.0) -> None:
+        self.socket_path = Path(socket_path)
+        self.timeout = timeout
+
+    def append(self, actor: str, action: str, target: str | None = None, payload: Any = None) -> object:
+        """Append one row; returns {"seq", "hash"} once the console committed it."""
+        rows = self.append_many([(actor, action, target, payload)])
+        return rows[0]
+
+    def append_many(self, records: Iterable[AuditRecord]) -> list[dict[str, Any]]:
+        """Append rows in one transaction of the console; raises ControlError when it cannot."""
+        from console.store.control import request
+
+        recs = [[actor, action, target, json.loads(canonical_json(payload))]
+                for actor, action, target, payload in records]
+        if not recs:
+            return []
+        result, _pid = request(self.socket_path, {"op": "audit_append", "records": recs}, timeout=self.timeout)
+        return list(result)
+
+    def sign_head(self) -> object:
+        """Ask the console to sign its head now."""
+        from console.store.control import request
+
+        result, _pid = request(self.socket_path, {"op": "audit_sign_head"}, timeout=self.timeout)
+        return result
+
+
 class AuditChain:
     """Appends hash-chained audit rows and signs the head every N rows / T seconds / on export.
 

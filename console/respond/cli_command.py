@@ -28,7 +28,14 @@ from console.respond.approvals import (
     write_request_file,
 )
 from console.respond.audit import ACTION_ROLLBACK as AUDIT_ROLLBACK_DECISION
-from console.respond.audit import AuditChain, Runner, connection_runner, load_or_create_audit_key
+from console.respond.audit import (
+    AuditChain,
+    AuditTrail,
+    ControlSocketAudit,
+    Runner,
+    connection_runner,
+    load_or_create_audit_key,
+)
 from console.respond.commands import (
     EXIT_OK,
     EXIT_REFUSED,
@@ -140,7 +147,7 @@ class _Ctx:
     pins: ReceiptKeyPins
     tls: Any = None
     runner: Runner | None = None
-    audit: AuditChain | None = None
+    audit: AuditTrail | None = None
     query: Query | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -171,14 +178,17 @@ def _context(args: argparse.Namespace, addresses: list[str]) -> Iterator[_Ctx]:
             try:
                 con = duckdb.connect(args.db)
             except duckdb.Error as exc:
-                raise CommandError(f"cannot open store {args.db}: {str(exc).splitlines()[0]}") from None
-            ctx.closers.append(con.close)
-            runner = connection_runner(con)
-            runner(ensure_schema)
-            ctx.runner = runner
-            ctx.query = lambda sql, params: runner(lambda c: c.execute(sql, params).fetchall())
-            key_path = Path(args.audit_key) if args.audit_key else state_dir / AUDIT_KEY_FILE
-            ctx.audit = AuditChain(runner, signing_key=load_or_create_audit_key(key_path))
+                if not _locked(exc):
+                    raise CommandError(f"cannot open store {args.db}: {str(exc).splitlines()[0]}") from None
+                _through_running_console(ctx, args.db, exc)
+            else:
+                ctx.closers.append(con.close)
+                runner = connection_runner(con)
+                runner(ensure_schema)
+                ctx.runner = runner
+                ctx.query = lambda sql, params: runner(lambda c: c.execute(sql, params).fetchall())
+                key_path = Path(args.audit_key) if args.audit_key else state_dir / AUDIT_KEY_FILE
+                ctx.audit = AuditChain(runner, signing_key=load_or_create_audit_key(key_path))
         elif args.command_cmd not in ("checkpoints", "state"):
             print("gpusoc-console command: warning: no --db, so this is not recorded in an audit trail "
                   "(the agents still record their events)", file=sys.stderr)
@@ -190,6 +200,36 @@ def _context(args: argparse.Namespace, addresses: list[str]) -> Iterator[_Ctx]:
         for close in reversed(ctx.closers):
             with contextlib.suppress(Exception):
                 close()
+
+
+def _locked(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "could not set lock" in text or "conflicting lock" in text
+
+
+def _through_running_console(ctx: _Ctx, db: str, locked: BaseException) -> None:
+    """The store is held by `collect` or a window: read the job's hosts and record the audit rows
+    through that process's control socket (`<db>.ctl`), so its chain stays the only writer."""
+    from console.store import control
+
+    path = control.socket_path(db)
+    try:
+        control.request(path, {"op": "ping"}, timeout=10.0)
+    except control.ControlError as exc:
+        _pid, holder = control.lock_holder(str(locked))
+        raise CommandError(
+            f"cannot open store {db}: {holder} holds it and no gpusoc console answers on {path} ({exc}); "
+            "stop that process, or run the command without --db (it is then not recorded on the console side)"
+        ) from None
+
+    def query(sql: str, params: list[object]) -> list[tuple[Any, ...]]:
+        res, _pid = control.request(path, {"op": "query", "sql": sql, "params": list(params)}, timeout=120.0)
+        return control.decode_rows(res["types"], res["rows"])
+
+    ctx.query = query
+    ctx.audit = ControlSocketAudit(path)
+    print(f"gpusoc-console command: {db} is held by a running console: recording through {path}",
+          file=sys.stderr)
 
 
 def _addresses(specs: list[str] | None) -> list[str]:

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import NameOID
 
 from console.ingest.tls import ConsoleTls
-from console.respond.audit import ACTION_COMMAND, ACTION_RECEIPT, AuditChain, AuditRecord
+from console.respond.audit import ACTION_COMMAND, ACTION_RECEIPT, AuditRecord, AuditTrail
 from protos import serde, signing
 from protos.types import (
     ACTION_FREEZE,
@@ -822,7 +822,7 @@ class CommandDispatcher:
         self,
         address_of: Callable[[str], str],
         tls: ConsoleTls | None,
-        audit: AuditChain | None = None,
+        audit: AuditTrail | None = None,
         *,
         pins: ReceiptKeyPins | None = None,
         actor: str = "console",

@@ -15,6 +15,9 @@ process that holds the store therefore listens on a Unix socket next to it, `<db
   is appended and the head signed in the same writer call, so the file ends in a fresh signed head
   (docs/audit.md); without one it is plain `StoreWriter.export`.
 * `alerts`: the stored alerts, the data `gpusoc-console alerts` prints.
+* `audit_append` / `audit_sign_head`: rows for `gpusoc-console command --db` (records of
+  [actor, action, target, payload]) go through this process's AuditChain, the chain's only
+  writer; `query` takes `params` for that command's job-hosts lookup.
 * `ping`: pid, store path and writer status.
 
 Wire format: one JSON object per line. The client sends one request line, the server answers
@@ -562,9 +565,17 @@ class ControlServer:
                                "writer_status": self.writer.status}
             elif op == "query":
                 sql = req.get("sql")
+                params = req.get("params", [])
                 if not isinstance(sql, str):
                     return self._error("bad request: query needs 'sql'")
-                result = self.query(sql, max_rows=_int_or(req.get("max_rows"), self.max_rows))
+                if not isinstance(params, list) or not all(
+                        v is None or isinstance(v, str | int | float | bool) for v in params):
+                    return self._error("bad request: 'params' must be a list of JSON scalars")
+                result = self.query(sql, max_rows=_int_or(req.get("max_rows"), self.max_rows), params=params)
+            elif op == "audit_append":
+                result = self.audit_append(req.get("records"), peer)
+            elif op == "audit_sign_head":
+                result = self.audit_sign_head(peer)
             elif op == "export":
                 out = req.get("out")
                 if not isinstance(out, str) or not os.path.isabs(out):
@@ -578,7 +589,8 @@ class ControlServer:
                     limit=_int_or(req.get("limit"), None),
                 )
             else:
-                return self._error(f"bad request: unknown op {op!r} (ping, query, export, alerts)")
+                return self._error(
+                    f"bad request: unknown op {op!r} (ping, query, export, alerts, audit_append, audit_sign_head)")
         except ControlError as exc:
             return self._error(str(exc), refused=exc.refused)
         except Exception as exc:
@@ -606,14 +618,42 @@ class ControlServer:
                 "console and the file appears when it is complete"
             ) from exc
 
-    def query(self, sql: str, max_rows: int | None = None) -> dict[str, Any]:
+    def audit_append(self, records: Any, peer: str) -> list[dict[str, Any]]:
+        """Append rows for another process (`gpusoc-console command --db` while this console runs).
+
+        Rows go through this process's AuditChain, the only writer of the chain, in one
+        transaction; the answer carries each row's seq and hash once committed.
+        """
+        audit = self._chain()
+        if not isinstance(records, list) or not records or not all(
+                isinstance(r, list) and len(r) == 4 and isinstance(r[0], str) and isinstance(r[1], str)
+                and (r[2] is None or isinstance(r[2], str)) for r in records):
+            raise ControlError("bad request: 'records' must be a non-empty list of [actor, action, target, payload]")
+        entries = audit.append_many([(r[0], r[1], r[2], r[3]) for r in records])
+        log.info("control socket: %d audit row(s) appended for %s (last seq %d)",
+                 len(entries), peer, entries[-1].seq)
+        return [{"seq": e.seq, "hash": e.hash.hex()} for e in entries]
+
+    def audit_sign_head(self, peer: str) -> dict[str, Any]:
+        """Sign the chain's head now (a CLI command ends with a signed head, as offline)."""
+        head = self._chain().sign_head()
+        log.info("control socket: audit head signed for %s", peer)
+        return {"seq": head.seq if head is not None else 0}
+
+    def _chain(self) -> AuditChain:
+        if self.audit is None:
+            raise ControlError("this console keeps no audit chain, so it cannot record for other processes",
+                               refused=True)
+        return self.audit
+
+    def query(self, sql: str, max_rows: int | None = None, params: Sequence[Any] = ()) -> dict[str, Any]:
         """Run one read statement on a reader cursor; {"columns", "types", "rows", "truncated"}."""
         limit = self.max_rows if max_rows is None else max(1, min(int(max_rows), self.max_rows))
         for attempt in (0, 1):
             cur = self._reader_cursor(fresh=attempt == 1)
             try:
                 check_read_only(sql, cur)
-                return self._run_read(cur, sql, limit)
+                return self._run_read(cur, sql, limit, list(params))
             except duckdb.ConnectionException:
                 if attempt == 1:
                     raise
@@ -637,7 +677,8 @@ class ControlServer:
         cur.execute("SET TimeZone = 'UTC'")
         return cur
 
-    def _run_read(self, cur: duckdb.DuckDBPyConnection, sql: str, limit: int) -> dict[str, Any]:
+    def _run_read(self, cur: duckdb.DuckDBPyConnection, sql: str, limit: int,
+                  params: list[Any] | None = None) -> dict[str, Any]:
         if self._stopping.is_set():
             raise ControlError("the console is shutting down")
         cur.execute("BEGIN TRANSACTION READ ONLY")  # a second guard: nothing it runs can write
@@ -649,7 +690,7 @@ class ControlServer:
         reading = getattr(self.writer, "reading", None)  # a cache trim waits while this runs
         try:
             with reading() if reading is not None else contextlib.nullcontext():
-                cur.execute(sql)
+                cur.execute(sql, params or None)
                 desc = cur.description
                 rows = cur.fetchmany(limit + 1) if desc else []
         except duckdb.InterruptException as exc:
