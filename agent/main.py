@@ -95,7 +95,8 @@ async def _serve(c: AgentConfig, collector: Collector, stack: contextlib.AsyncEx
 
     interval = float(c.sample_interval_s)
     max_frames = max(60, math.ceil(float(c.buffer_seconds) / interval))
-    # TLS first: a refused start must not touch the spool (a host-name typo would move it aside).
+    # Checks first (TLS, listen address, operator CA path): a refused start must not touch the spool
+    # (a host-name typo would move it aside).
     creds = None
     if not c.insecure:
         creds = load_server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
@@ -103,6 +104,11 @@ async def _serve(c: AgentConfig, collector: Collector, stack: contextlib.AsyncEx
     problem = _listen_problem(c.listen)
     if problem is not None:
         raise problem
+    if c.operator_ca and Path(c.operator_ca).exists() and not Path(c.operator_ca).is_file():
+        raise StartupError(
+            f"operator CA {c.operator_ca} is not a file (operator_ca / GPUSOC_AGENT_OPERATOR_CA): point it at the "
+            "operator CA's PEM certificate, e.g. /etc/gpusoc/tls/operator-ca.pem"
+        )
     buffer: FrameBuffer | None = None
     if c.spool:
         from agent.spool import SpoolBuffer, SpoolError
@@ -142,11 +148,6 @@ async def _serve(c: AgentConfig, collector: Collector, stack: contextlib.AsyncEx
     if isinstance(collector, SimulatedCollector):
         collector.load_source = runtime.gpu_activity  # GPUs run hot while their ranks log
     control = None
-    if c.operator_ca and Path(c.operator_ca).exists() and not Path(c.operator_ca).is_file():
-        raise StartupError(
-            f"operator CA {c.operator_ca} is not a file (operator_ca / GPUSOC_AGENT_OPERATOR_CA): point it at the "
-            "operator CA's PEM certificate, e.g. /etc/gpusoc/tls/operator-ca.pem"
-        )
     if c.operator_ca and Path(c.operator_ca).is_file():  # else commands are refused (no crypto loaded: -10 MB)
         from agent.act.controller import controller_from_config
         from agent.pki import PkiError

@@ -147,3 +147,4 @@ def test_operator_ca_that_is_a_directory_is_refused(tmp_path: Path) -> None:
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("gpusoc-agent:")]
     assert line.startswith(f"gpusoc-agent: operator CA {tmp_path} is not a file")
     assert not (tmp_path / "t.sock").exists()
+    assert not (tmp_path / "state" / "spool").exists()  # refused before the spool was touched
