@@ -159,6 +159,10 @@ async def _serve(c: AgentConfig, collector: Collector, stack: contextlib.AsyncEx
                 f"operator CA unusable (operator_ca / GPUSOC_AGENT_OPERATOR_CA): {exc}; point it at the PEM "
                 "certificate(s) of the operator CA that signs commands, or remove it to refuse all commands"
             ) from None
+        if control is not None:
+            names = ", ".join(ca.subject.rfc4514_string() for ca in control.verifier.operator_cas)
+            log.info("control commands enabled: operator CA %s (%s); commands signed by operators it issued "
+                     "are accepted", c.operator_ca, names)
     else:
         log.warning("control commands disabled: operator CA %s not found", c.operator_ca or "(unset)")
     try:

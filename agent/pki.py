@@ -535,7 +535,8 @@ def _parse_certs(pem: bytes, path: Path | None) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(bytes(pem))
     except ValueError as exc:
-        raise PkiError(f"{where}not a PEM certificate ({exc})") from None
+        why = re.sub(r"\s*See https?://\S+ for more details\.?", "", str(exc)).strip()
+        raise PkiError(f"{where}not a PEM certificate ({why})") from None
     if not certs:
         raise PkiError(f"{where}no certificate found")
     return certs

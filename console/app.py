@@ -171,6 +171,7 @@ def run_desktop(args: argparse.Namespace) -> int:
     panels = build_panels(window, writer.read_query, bridge)
     detection = DetectionRunner(writer).start()
     respond = _build_response(window, writer, tls, panels, bridge)
+    _audit_session(respond["audit"], "console.start", {"agents": agents, "demo": bool(demo)})
     panels["alerts_model"].change_state = _alert_state_changer(writer, detection, respond["audit"])
     panels["alerts"].ack_button.setEnabled(True)
     panels["alerts"].resolve_button.setEnabled(True)
@@ -196,11 +197,22 @@ def run_desktop(args: argparse.Namespace) -> int:
         respond["timer"].stop()
         respond["dispatcher"].close()
         bridge.close()
-        writer.flush(timeout=30)
+        flushed = writer.flush(timeout=30)
+        _audit_session(respond["audit"], "console.stop", {"flushed": flushed})
         writer.stop()
         if demo:
             demo.stop()
     return rc
+
+
+def _audit_session(audit: Any, action: str, payload: dict[str, Any]) -> None:
+    """A window's start and stop in the audit chain, signed, as `collect` does: every store a
+    console wrote has a verifiable trail, even when nobody acted in it."""
+    try:
+        audit.append("console", action, None, payload)
+        audit.sign_head()
+    except Exception as exc:  # an unusable audit key must not keep the window from opening
+        log.error("audit %s not recorded: %s", action, exc)
 
 
 

@@ -84,6 +84,7 @@ def test_unreadable_operator_ca_exits_2_in_one_line_and_leaves_no_socket(tmp_pat
     assert "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("gpusoc-agent:")]
     assert line.startswith("gpusoc-agent: operator CA unusable") and str(ca) in line
+    assert "not a PEM certificate" in line and "https://" not in line  # no library FAQ link in our line
     assert not sock.exists()
 
 

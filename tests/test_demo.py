@@ -53,7 +53,7 @@ print("RESULT " + json.dumps(seen))
 @pytest.mark.slow
 def test_demo_fleet_connects_over_mtls_and_is_labelled_simulated(tmp_path: Path) -> None:
     db, png = tmp_path / "demo.duckdb", tmp_path / "demo.png"
-    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "GPUSOC_CONSOLE_STATE_DIR": str(tmp_path / "state")}
     r = subprocess.run([sys.executable, "-c", DRIVER, str(db), str(png)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=150)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -65,3 +65,19 @@ def test_demo_fleet_connects_over_mtls_and_is_labelled_simulated(tmp_path: Path)
     con = duckdb.connect(str(db), read_only=True)
     real, total = con.execute("SELECT count(*) FILTER (WHERE NOT simulated), count(*) FROM gpu_samples").fetchone()  # type: ignore[misc]
     assert real == 0 and total > 0  # simulated rows are labelled in the database too
+    # A window's store has a verifiable audit trail even when nobody acted (a trial found it empty
+    # and `audit verify` INVALID): its start and stop, signed with the console's audit key.
+    rows = con.execute("SELECT seq, epoch_us(ts) * 1000, actor, action, target, payload, prev_hash, hash "
+                       "FROM audit_log ORDER BY seq").fetchall()
+    heads = con.execute("SELECT seq, hash, epoch_us(signed_at) * 1000, key_id, signature FROM audit_heads").fetchall()
+    con.close()
+    assert [(r[2], r[3]) for r in rows] == [("console", "console.start"), ("console", "console.stop")]
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from console.respond.verify import verify_rows
+
+    key = serialization.load_pem_private_key((tmp_path / "state" / "audit-key.pem").read_bytes(), None)
+    assert isinstance(key, Ed25519PrivateKey)
+    report = verify_rows(rows, heads, [key.public_key()])
+    assert report.ok, report

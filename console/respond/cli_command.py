@@ -309,7 +309,9 @@ def _run_action(args: argparse.Namespace, request_only: bool) -> int:
             raise CommandError("give both --cosign-cert and --cosign-key")
         ops.append(_load_operator(args, args.cosign_cert, args.cosign_key))
         if ops[0].same_as(ops[1]):
-            raise _Refused(f"{ops[1].label} cannot co-sign their own command: a second, different operator must")
+            raise _Refused(f"{ops[1].label} cannot co-sign their own command: a second, different operator must "
+                           "co-sign (--cosign-cert/--cosign-key of another operator, or `command request` + "
+                           "`command approve`)")
     for op in ops:
         why = op.refusal(action, args.break_glass)
         if why:
