@@ -41,7 +41,8 @@ def _listen_problem(listen: str) -> OSError | None:
     """Why `listen` cannot be bound now (one line, exit 4), or None: probed as gRPC binds it.
 
     Checked before gRPC starts, so a port in use is reported in our words alone (gRPC's C core
-    logs its own "Failed to add port" line first) and before the spool is opened.
+    logs its own "Failed to add port" line first) and before the spool is opened. Like gRPC, one
+    address of a name that binds is enough (`localhost` without IPv6 still works).
     """
     import socket
 
@@ -49,23 +50,29 @@ def _listen_problem(listen: str) -> OSError | None:
     try:
         if int(port) == 0:
             return None
-        for family, kind, proto, _, addr in socket.getaddrinfo(
-            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        ):
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        return OSError(f"cannot listen on {listen}: cannot resolve {host!r} ({err.strerror or err})")
+    except (ValueError, OSError):
+        return None  # not HOST:PORT: the config check or gRPC says so
+    first: OSError | None = None
+    for family, kind, proto, _, addr in infos:
+        try:
             with socket.socket(family, kind, proto) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
                 probe.bind(addr)
-    except OSError as err:
-        why = err.strerror or str(err)
-        if err.errno == errno.EACCES:
-            return OSError(
-                f"cannot listen on {listen}: no permission ({why}); ports below 1024 need root or "
-                "CAP_NET_BIND_SERVICE"
-            )
-        return OSError(f"cannot listen on {listen}: the port is in use or the address is not local ({why})")
-    except ValueError:
-        return None  # not HOST:PORT: the config check or gRPC says so
-    return None
+            return None
+        except OSError as err:
+            first = first or err
+    if first is None:
+        return None
+    why = first.strerror or str(first)
+    if first.errno == errno.EACCES:
+        return OSError(
+            f"cannot listen on {listen}: no permission ({why}); ports below 1024 need root or CAP_NET_BIND_SERVICE"
+        )
+    return OSError(f"cannot listen on {listen}: the port is in use or the address is not local ({why})")
 
 
 def _cannot_listen(listen: str, exc: RuntimeError) -> OSError:

@@ -43,7 +43,7 @@ def test_metrics_port_in_use_exits_4_naming_the_flag_and_leaves_no_socket(tmp_pa
     ours = [line for line in proc.stderr.splitlines() if line.startswith("gpusoc-agent:")]
     assert ours == [f"gpusoc-agent: cannot serve /metrics on {metrics} (--metrics-listen): Address already in use"]
     assert not sock.exists()
-    assert (tmp_path / "state" / "spool").is_dir()  # the spool was open, and was closed
+    assert (tmp_path / "state" / "spool").is_dir()  # the failure came after the spool had opened
 
 
 def test_failed_start_stops_the_server_and_the_integrity_thread(tmp_path: Path) -> None:
@@ -66,10 +66,13 @@ def test_failed_start_stops_the_server_and_the_integrity_thread(tmp_path: Path) 
             assert not t.is_alive()
     with socket.socket() as again:  # the gRPC server let go of its port
         again.bind(("127.0.0.1", grpc_port))
-    # and the spool can be opened again at once
-    from agent.spool import SpoolBuffer
-
-    SpoolBuffer(tmp_path / "state" / "spool", max_bytes=1 << 20, max_age_s=60, host="gpu-01").close()
+    # and the spool was closed: its lock is free for another process (POSIX locks are per process,
+    # so only a probe from outside can tell)
+    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+             "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
+    lock = tmp_path / "state" / "spool" / "lock"
+    assert lock.exists()
+    assert subprocess.run([sys.executable, "-c", probe, str(lock)], capture_output=True, timeout=30).returncode == 0
 
 
 def test_unreadable_operator_ca_exits_2_in_one_line_and_leaves_no_socket(tmp_path: Path) -> None:
@@ -149,3 +152,17 @@ def test_operator_ca_that_is_a_directory_is_refused(tmp_path: Path) -> None:
     assert line.startswith(f"gpusoc-agent: operator CA {tmp_path} is not a file")
     assert not (tmp_path / "t.sock").exists()
     assert not (tmp_path / "state" / "spool").exists()  # refused before the spool was touched
+
+
+def test_listen_check_accepts_a_name_that_binds_on_one_address_and_names_resolution_errors() -> None:
+    from agent.main import _listen_problem
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert _listen_problem(f"localhost:{port}") is None  # ::1 may be missing; 127.0.0.1 binds
+    bad = _listen_problem("no-such-host.invalid:7443")
+    assert bad is not None and "cannot resolve 'no-such-host.invalid'" in str(bad)
+    with _busy_port() as holder:
+        busy = _listen_problem(f"127.0.0.1:{holder.getsockname()[1]}")
+    assert busy is not None and "in use" in str(busy)

@@ -59,15 +59,17 @@ def test_job_and_fleet_wide_alerts_follow_their_jobs_and_hosts() -> None:
     assert not st.alert_is_simulated(alert(None, None))  # a mixed fleet: not labelled simulated
 
 
-def test_alert_book_keeps_a_simulated_label() -> None:
-    book = K.AlertBook(min_update_ns=0)
-    sim = {"h": True}
-    book.simulated_of = lambda a: sim[a.host or ""]
-    book.raise_(K.XID, T0, T0, {"n": 1}, key="x", host="h")
-    assert book.take_changed()[0].simulated is True
-    sim["h"] = False
-    book.raise_(K.XID, T0 + NS, T0, {"n": 2}, key="x", host="h")
-    assert book.take_changed()[0].simulated is True
+def test_label_follows_the_newest_data_of_a_host() -> None:
+    """A host name that ran simulated and comes back on real hardware: its real alerts say real."""
+    eng = DetectionEngine()
+    eng.on_frame(_xid_frame("gpu-07", True))
+    (first,) = eng.evaluate(T0 + NS)
+    assert first.simulated is True
+    v = np.zeros((1, len(METRIC_NAMES)), np.float32)
+    ev = Event(T0 + 20 * NS, "xid", SEVERITY_CRITICAL, 0, 0, "XID 48", {"xid": "48"})
+    eng.on_frame(Frame("gpu-07", "real-epoch", 1, T0 + 20 * NS, False, v, [0], [1], events=[ev]))
+    changed = eng.evaluate(T0 + 21 * NS)
+    assert changed and all(a.simulated is False for a in changed)
 
 
 def _v1_store(path: Path) -> None:
@@ -150,3 +152,16 @@ def test_detect_store_into_a_schema_1_file_migrates_it_first(tmp_path: Path, mon
     monkeypatch.setattr(engine_mod, "replay_db", lambda *a, **k: found)
     engine_mod.detect_file(db, store=True)
     assert {a.alert_id: a.simulated for a in read_alerts(db)}["n1"] is True
+
+
+def test_an_unstamped_file_with_an_old_alerts_table_gains_the_column(tmp_path: Path) -> None:
+    db = tmp_path / "unstamped.duckdb"
+    _v1_store(db)
+    con = duckdb.connect(str(db))
+    con.execute("DELETE FROM meta")  # tables, but no schema_version
+    assert ensure_schema(con) == 2
+    upsert_alerts(con, [Alert("n", K.XID, "critical", K.OPEN, "sim", 0, None, None, T0, T0, {}, "new", T0, True)])
+    got = dict(con.execute("SELECT alert_id, simulated FROM alerts").fetchall())
+    assert read_schema_version(con) == 2
+    con.close()
+    assert got["n"] is True and got["a0"] is True and got["a2"] is None

@@ -26,5 +26,5 @@ def test_alert_summary_counts_alerts_not_updates() -> None:
         runner.on_frame(Frame("h1", "e", seq, t0 + seq * 10**9, True, np.zeros((1, len(METRIC_NAMES)), np.float32),
                               [0], [1], events=[ev]))
         runner.tick(t0 + (seq + 30) * 10**9)
-    assert runner.held == 1 and runner.open_now == 1
+    assert runner.alert_counts == (1, 1)
     assert runner.summary() == f"alerts open 1 of 1 (alert updates {runner.raised})"

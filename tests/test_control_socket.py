@@ -374,7 +374,7 @@ def test_status_line_rates_and_alert_labels() -> None:
     from console.detect.runner import DetectionRunner
 
     sink = DetectionRunner(writer=None)
-    sink.open_now, sink.held, sink.raised = 1, 2, 7
+    sink.alert_counts, sink.raised = (1, 2), 7
 
     class Fleet:
         clients = {"h1": Client()}
@@ -428,12 +428,27 @@ def test_audit_rows_from_another_process_join_the_chain(live: Live) -> None:
     remote = ControlSocketAudit(socket_path(live.db))
     seq0 = live.chain.head[0]
     got = remote.append_many([("alice:responder", "command.issued", "job-a", {"n": 1, "x": [1.5, "é"]}),
-                              ("console", "command.outcome", "job-a", None)])
+                              ("alice:responder", "command.outcome", "job-a", None)])
     assert [r["seq"] for r in got] == [seq0 + 1, seq0 + 2]
-    assert live.chain.head == (seq0 + 2, bytes.fromhex(got[-1]["hash"]))  # the owner's chain moved on
-    assert remote.sign_head() == {"seq": seq0 + 2}
-    rows = live.writer.read_query("SELECT payload FROM audit_log WHERE seq = ?", [seq0 + 1])
-    assert rows == [('{"n":1,"x":[1.5,"é"]}',)]  # the JSON the chain hashes, as if appended locally
+    assert remote.sign_head() == {"seq": seq0 + 3}  # the owner's chain moved on, by one more row:
+    rows = live.writer.read_query("SELECT seq, actor, action, payload FROM audit_log WHERE seq > ? ORDER BY seq",
+                                  [seq0])
+    assert rows[0][3] == '{"n":1,"x":[1.5,"é"]}'  # the JSON the chain hashes, as if appended locally
+    peer, action, payload = rows[2][1], rows[2][2], json.loads(rows[2][3])
+    assert action == "control.audit_append" and payload == {"rows": 2}  # who sent the rows above
+    assert f"(pid {os.getpid()}, control socket)" in peer
+
+
+def test_other_processes_may_record_command_rows_only(live: Live) -> None:
+    seq0 = live.chain.head[0]
+    for actor, action in (("alice", "collect.stop"), ("alice", "store.export"), ("console", "command.outcome"),
+                          ("collector", "command.issued")):
+        resp = live.server.handle({"op": "audit_append", "records": [[actor, action, None, None]]})
+        assert not resp["ok"] and resp["refused"], (actor, action)
+    assert live.chain.head[0] == seq0
+    ok = live.server.handle({"op": "audit_append", "records": [["agent:gpu-a", "command.receipt", "j", {}],
+                                                               ["alice", "rollback.decision", "j", {}]]})
+    assert ok["ok"] and live.chain.head[0] == seq0 + 3
 
 
 def test_bad_audit_requests_are_refused_and_append_nothing(live: Live) -> None:
@@ -443,8 +458,9 @@ def test_bad_audit_requests_are_refused_and_append_nothing(live: Live) -> None:
         assert not resp["ok"] and "records" in resp["error"]
     assert live.chain.head[0] == seq0
     chainless = ControlServer(live.writer)
-    resp = chainless.handle({"op": "audit_append", "records": [["a", "b", None, None]]})
+    resp = chainless.handle({"op": "audit_append", "records": [["a", "command.issued", None, None]]})
     assert not resp["ok"] and resp["refused"] and "no audit chain" in resp["error"]
+    assert chainless.handle({"op": "ping"})["result"]["audit_chain"] is False  # `command` checks this first
 
 
 def test_query_parameters_through_the_socket(live: Live) -> None:

@@ -185,7 +185,8 @@ class AlertBook:
     acknowledged while its condition persists.
 
     `simulated_of`, when set, labels each alert as it is taken (`take_changed`): whether the data
-    behind it came from simulated GPUs. Once simulated, an alert stays so.
+    behind it now comes from simulated GPUs (a host name that moves to real hardware makes its
+    next update real).
     """
 
     min_update_ns: int = 10_000_000_000
@@ -301,8 +302,7 @@ class AlertBook:
         """Alerts changed since the last call (copies, so callers may keep them)."""
         if self.simulated_of is not None:
             for a in self._changed.values():
-                if not a.simulated:
-                    a.simulated = self.simulated_of(a)
+                a.simulated = self.simulated_of(a)
         out = [
             Alert(a.alert_id, a.kind, a.severity, a.state, a.host, a.gpu_index, a.job_id, a.rank, a.onset_ns,
                   a.detected_ns, dict(a.evidence), a.dedup_key, a.updated_ns, a.simulated)

@@ -216,8 +216,7 @@ class DetectionEngine:
         count: dict[int, int] = {}
         for fr in frames:
             h = st.host(fr.host)
-            if fr.simulated and not h.simulated:
-                h.simulated = True
+            h.simulated = fr.simulated  # as its newest frame says (a name can move to real hardware)
             if fr.epoch != h.epoch:
                 h.epoch = fr.epoch
                 h.last_seq = -1
@@ -294,7 +293,7 @@ class DetectionEngine:
         rec_counts: list[int] = []
         proc_hosts: list[HostState] = []
         proc_frames: list[Frame] = []
-        sim_jobs: set[str] = set()  # jobs with records in simulated frames (alerts get labelled)
+        sim_jobs: dict[str, bool] = {}  # job -> its newest records came in simulated frames
         for h, fr in frames:
             if fr.events:
                 for ev in fr.events:
@@ -305,8 +304,8 @@ class DetectionEngine:
                 recs.extend(tr)
                 rec_slots.append(h.slot)
                 rec_counts.append(len(tr))
-                if fr.simulated:
-                    sim_jobs.update(rec.job_id for rec in tr)
+                for rec in tr:
+                    sim_jobs[rec.job_id] = fr.simulated
             if fr.processes or h.proc_pids:
                 proc_hosts.append(h)
                 proc_frames.append(fr)
@@ -314,9 +313,9 @@ class DetectionEngine:
         b: RecordBatch | None = None
         if n:
             b = self._record_columns(recs, rec_slots, rec_counts)
-        for job_id in sim_jobs:
+        for job_id, simulated in sim_jobs.items():
             if job_id in st.jobs:
-                st.jobs[job_id].simulated = True
+                st.jobs[job_id].simulated = simulated
         for h, fr in zip(proc_hosts, proc_frames, strict=True):
             procs = fr.processes
             pids = [p.pid for p in procs]

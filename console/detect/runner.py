@@ -37,8 +37,9 @@ class DetectionRunner:
         self.interval_s = interval_s
         self.on_alerts = on_alerts
         self.raised = 0  # alert raise/update events handed to the store
-        self.open_now = 0  # alerts open after the last evaluation (set on the detection thread)
-        self.held = 0  # alerts the engine holds in any state
+        # (open, held) after the last evaluation: one tuple, replaced whole on the detection thread,
+        # so a reader on another thread never sees one count from one evaluation and one from the next
+        self.alert_counts: tuple[int, int] = (0, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpusoc-detect", daemon=True)
 
@@ -53,7 +54,8 @@ class DetectionRunner:
 
     def summary(self) -> str:
         """`alerts open N of M (alert updates K)` for status lines, from counters (any thread)."""
-        return f"alerts open {self.open_now} of {self.held} (alert updates {self.raised})"
+        n_open, held = self.alert_counts
+        return f"alerts open {n_open} of {held} (alert updates {self.raised})"
 
     # IngestSink (ingest thread): queue only.
     def on_description(self, address: str, desc: Description) -> None:
@@ -72,7 +74,7 @@ class DetectionRunner:
         """Evaluate once and hand new/changed alerts to the store and the listener."""
         alerts = self.engine.evaluate(now_ns)
         held = self.engine.alerts()
-        self.open_now, self.held = sum(1 for a in held if a.state == OPEN), len(held)
+        self.alert_counts = (sum(1 for a in held if a.state == OPEN), len(held))
         if alerts:
             self.raised += len(alerts)
             if self.writer is not None:

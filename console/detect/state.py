@@ -114,7 +114,7 @@ class HostState:
     fresh_frame: bool = False  # a frame arrived in the current evaluation
     connected: bool = True
     n_gpus: int = 0
-    simulated: bool = False  # any frame from it said simulated (alerts about it are labelled so)
+    simulated: bool = False  # its newest frame said simulated (alerts about it are labelled so)
     proc_pids: list[int] = field(default_factory=list)  # process list of the newest frame
     proc_gpus: list[int] = field(default_factory=list)
     ranks_changed: bool = False  # a rank registered since the process list was last checked
@@ -132,7 +132,7 @@ class JobState:
     job_id: str
     index: int
     world_size: int = 0
-    simulated: bool = False  # records of it came in simulated frames
+    simulated: bool = False  # its newest records came in simulated frames
     ranks: dict[int, int] = field(default_factory=dict)  # rank -> rank index
     _ridx: np.ndarray | None = None
     fp_rank: dict[tuple[int, str], str] = field(default_factory=dict)  # (rank, field) -> value

@@ -51,6 +51,7 @@ from console.respond.commands import (
     job_hosts,
     sign,
 )
+from console.store.control import ControlError
 from protos.types import ACTION_ROLLBACK, ACTIONS, ControlState
 
 PINS_FILE = "receipt-keys.json"
@@ -214,13 +215,19 @@ def _through_running_console(ctx: _Ctx, db: str, locked: BaseException) -> None:
 
     path = control.socket_path(db)
     try:
-        control.request(path, {"op": "ping"}, timeout=10.0)
+        info, _pid = control.request(path, {"op": "ping"}, timeout=10.0)
     except control.ControlError as exc:
         _pid, holder = control.lock_holder(str(locked))
         raise CommandError(
             f"cannot open store {db}: {holder} holds it and no gpusoc console answers on {path} ({exc}); "
             "stop that process, or run the command without --db (it is then not recorded on the console side)"
         ) from None
+
+    if not (isinstance(info, dict) and info.get("audit_chain")):
+        raise CommandError(
+            f"cannot record in {db}: the console holding it keeps no audit chain (see its log: its audit key is "
+            "unusable, or it predates this feature), so a command would go unrecorded; fix that, or stop it"
+        )
 
     def query(sql: str, params: list[object]) -> list[tuple[Any, ...]]:
         res, _pid = control.request(path, {"op": "query", "sql": sql, "params": list(params)}, timeout=120.0)
@@ -382,6 +389,10 @@ def _run_approve(args: argparse.Namespace) -> int:
             store = ApprovalStore(ctx.runner)
             if store.get(req.command_id) is not None:
                 store.set_state(req.command_id, DISPATCHED, op.label, result.summary(), signatures=env.signatures)
+        elif isinstance(ctx.audit, ControlSocketAudit):
+            print(f"gpusoc-console command: note: if {req.command_id} is listed under Pending approvals in the "
+                  "console, it stays there: withdraw it in that window (agents refuse a command id seen before)",
+                  file=sys.stderr)
         _print(ctx, result.to_dict(), result.render())
         return result.exit_code
 
@@ -455,4 +466,6 @@ def run_command(args: argparse.Namespace) -> int:
         return _err(str(exc), EXIT_REFUSED)
     except CommandError as exc:
         return _err(str(exc), EXIT_USAGE)
+    except ControlError as exc:  # the console holding --db stopped answering or refused to record
+        return _err(f"the running console could not record: {exc}", EXIT_REFUSED)
     return _err(f"unknown command {cmd!r}")

@@ -16,8 +16,10 @@ process that holds the store therefore listens on a Unix socket next to it, `<db
   (docs/audit.md); without one it is plain `StoreWriter.export`.
 * `alerts`: the stored alerts, the data `gpusoc-console alerts` prints.
 * `audit_append` / `audit_sign_head`: rows for `gpusoc-console command --db` (records of
-  [actor, action, target, payload]) go through this process's AuditChain, the chain's only
-  writer; `query` takes `params` for that command's job-hosts lookup.
+  [actor, action, target, payload]; `command.*` and `rollback.decision` only, not as `console` or
+  `collector`) go through this process's AuditChain, the chain's only writer, followed by a
+  `control.audit_append` row naming the sending user and pid; `query` takes `params` for that
+  command's job-hosts lookup.
 * `ping`: pid, store path and writer status.
 
 Wire format: one JSON object per line. The client sends one request line, the server answers
@@ -61,6 +63,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("gpusoc.console.control")
 
 SOCKET_SUFFIX: Final = ".ctl"
+# What `audit_append` accepts from other processes (what `gpusoc-console command` records).
+REMOTE_AUDIT_PREFIXES: Final = ("command.",)
+REMOTE_AUDIT_ACTIONS: Final = frozenset({"rollback.decision"})
+RESERVED_AUDIT_ACTORS: Final = frozenset({"console", "collector"})
 PROTOCOL: Final = 1
 MAX_REQUEST_BYTES: Final = 1 << 20
 DEFAULT_QUERY_TIMEOUT_S: Final = 300.0
@@ -342,7 +348,7 @@ def request(path: str | Path, payload: dict[str, Any], timeout: float = 60.0) ->
         _check_server_owner(sock, p)
         sock.settimeout(timeout)
         try:
-            sock.sendall(json.dumps(payload).encode() + b"\n")
+            sock.sendall(json.dumps(payload).encode() + b"\n", getattr(socket, "MSG_NOSIGNAL", 0))
             chunks = []
             while True:
                 chunk = sock.recv(1 << 16)
@@ -562,7 +568,7 @@ class ControlServer:
         try:
             if op == "ping":
                 result: Any = {"db": str(self.writer.db_path), "protocol": PROTOCOL, "version": __version__,
-                               "writer_status": self.writer.status}
+                               "writer_status": self.writer.status, "audit_chain": self.audit is not None}
             elif op == "query":
                 sql = req.get("sql")
                 params = req.get("params", [])
@@ -629,7 +635,16 @@ class ControlServer:
                 isinstance(r, list) and len(r) == 4 and isinstance(r[0], str) and isinstance(r[1], str)
                 and (r[2] is None or isinstance(r[2], str)) for r in records):
             raise ControlError("bad request: 'records' must be a non-empty list of [actor, action, target, payload]")
-        entries = audit.append_many([(r[0], r[1], r[2], r[3]) for r in records])
+        for actor, action, _target, _payload in records:
+            if not (action.startswith(REMOTE_AUDIT_PREFIXES) or action in REMOTE_AUDIT_ACTIONS):
+                raise ControlError(f"refused: {action!r} is not an action other processes may record here "
+                                   "(command.* and rollback.decision only)", refused=True)
+            if actor in RESERVED_AUDIT_ACTORS:
+                raise ControlError(f"refused: actor {actor!r} is this console's own name", refused=True)
+        # The rows keep their payloads (and so their hashes) exactly; a last row says who sent them.
+        recs = [(r[0], r[1], r[2], r[3]) for r in records]
+        recs.append((peer, "control.audit_append", None, {"rows": len(records)}))
+        entries = audit.append_many(recs)[:-1]
         log.info("control socket: %d audit row(s) appended for %s (last seq %d)",
                  len(entries), peer, entries[-1].seq)
         return [{"seq": e.seq, "hash": e.hash.hex()} for e in entries]

@@ -240,18 +240,22 @@ def check_schema_version(con: Any) -> int | None:
     return version
 
 
-def _migrate(con: Any, version: int) -> None:
+def _migrate(con: Any, version: int | None) -> None:
     """Bring a store written by an older schema up to SCHEMA_VERSION, inside ensure_schema's txn.
 
-    Old rows are labelled from what the file itself knows, never guessed: an alert is simulated
-    when the `hosts` row of its host says so, and stays NULL (unknown) otherwise.
+    `version` None: a file with tables but no version stamp (made by hand or by an old tool);
+    the same steps apply, each idempotent. Old rows are labelled from what the file itself knows,
+    never guessed: an alert is simulated when the `hosts` row of its host says so, and stays NULL
+    (unknown) otherwise.
     """
-    if version < 2:
+    if version is None or version < 2:
         con.execute("ALTER TABLE alerts ADD COLUMN IF NOT EXISTS simulated BOOLEAN")
         con.execute(
             "UPDATE alerts SET simulated = h.simulated FROM hosts h "
             "WHERE alerts.host = h.host AND alerts.simulated IS NULL"
         )
+    if version is None:
+        return  # stamped below like a new store
     con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
     con.execute(
         "INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -270,7 +274,7 @@ def ensure_schema(con: Any) -> int:
     try:
         for name in TABLES:
             con.execute(DDL[name])
-        if version is not None and version < SCHEMA_VERSION:
+        if version is None or version < SCHEMA_VERSION:
             _migrate(con, version)
         con.execute(
             "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('created_at', ?), "
