@@ -183,8 +183,14 @@ class StoreWriter:
         threads: int | None = None,
         memory_limit: str | None = DEFAULT_MEMORY_LIMIT,
         cache_limit: str | None = DEFAULT_CACHE_LIMIT,
+        trim_retry_s: float = 5.0,
     ) -> None:
         self.db_path = Path(db_path)
+        # A trim skipped (a read was running, or DuckDB could not evict enough) is tried again this
+        # soon rather than at the next maintenance: under load, reads can cover every maintenance
+        # for minutes while the cache grows (seen in a soak beside a CI run).
+        self.trim_retry_s = float(trim_retry_s)
+        self._trim_retry_at: float | None = None
         self.memory_limit = memory_limit
         self.cache_limit = cache_limit if memory_limit else None
         for what, size in (("memory_limit", memory_limit), ("cache_limit", self.cache_limit)):
@@ -630,6 +636,9 @@ class StoreWriter:
                     self._drain(stopping)
                 if self._held is None and not stopping and time.monotonic() >= self._next_maintenance:
                     self._periodic_maintenance()
+                elif (self._held is None and not stopping and self._trim_retry_at is not None
+                      and time.monotonic() >= self._trim_retry_at and self._con is not None):
+                    self._trim_cache(self._con)
                 if stopping:
                     with self._cond:
                         empty = not self._queue
@@ -677,6 +686,8 @@ class StoreWriter:
                     ):
                         return
                     wake = self._next_maintenance
+                    if self._trim_retry_at is not None:
+                        wake = min(wake, self._trim_retry_at)
                     if self._queue:
                         wake = min(wake, self._last_flush_mono + self.flush_interval_s)
                 if now >= wake:
@@ -1302,6 +1313,7 @@ class StoreWriter:
         if busy:  # the limit is database-wide: a reader's query could fail under the low one
             with self._state_lock:
                 self._counters["cache_trims_skipped"] += 1
+            self._trim_retry_at = time.monotonic() + self.trim_retry_s
             return False
         trimmed = False
         try:
@@ -1316,6 +1328,7 @@ class StoreWriter:
                 self._reader_lock_cond.notify_all()
         with self._state_lock:
             self._counters["cache_trims" if trimmed else "cache_trims_skipped"] += 1
+        self._trim_retry_at = None if trimmed else time.monotonic() + self.trim_retry_s
         return trimmed
 
     def _restore_memory_limit(self, con: duckdb.DuckDBPyConnection) -> None:
