@@ -10,6 +10,7 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 from agent.buffer import FrameBuffer
 from agent.collect.base import Collector, NoDriverError
@@ -18,6 +19,17 @@ from agent.runtime import AgentRuntime
 from protos.types import Event
 
 log = logging.getLogger("gpusoc.agent")
+
+
+def _issued_by(cert_path: str, cas: list[Any]) -> bool:
+    """Whether the certificate at `cert_path` names one of `cas` as its issuer (a mix-up check)."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return any(cert.issuer == ca.subject for ca in cas)
 
 
 class StartupError(Exception):
@@ -170,6 +182,10 @@ async def _serve(c: AgentConfig, collector: Collector, stack: contextlib.AsyncEx
             names = ", ".join(ca.subject.rfc4514_string() for ca in control.verifier.operator_cas)
             log.info("control commands enabled: operator CA %s (%s); commands signed by operators it issued "
                      "are accepted", c.operator_ca, names)
+            if creds is not None and _issued_by(c.tls_cert, control.verifier.operator_cas):
+                log.warning("the operator CA %s is the CA that issued this agent's own certificate: operators "
+                            "are normally issued by a CA of their own (pki/operator-ca.pem from `gpusoc-agent "
+                            "pki init`); check operator_ca", c.operator_ca)
     else:
         log.warning("control commands disabled: operator CA %s not found", c.operator_ca or "(unset)")
     try:

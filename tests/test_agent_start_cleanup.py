@@ -166,3 +166,24 @@ def test_listen_check_accepts_a_name_that_binds_on_one_address_and_names_resolut
     with _busy_port() as holder:
         busy = _listen_problem(f"127.0.0.1:{holder.getsockname()[1]}")
     assert busy is not None and "in use" in str(busy)
+
+
+def test_agent_ca_given_as_operator_ca_is_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A trial pointed GPUSOC_AGENT_OPERATOR_CA at agent-ca.pem: accepted without a word."""
+    from agent.pki import create_dev_pki
+
+    pki = tmp_path / "pki"
+    create_dev_pki(pki, agents=["gpu-01"], consoles=["ops"])
+    with _busy_port() as holder:  # ends the start after the controller was built
+        cfg = load_config(None, env={}, overrides={
+            "listen": "127.0.0.1:0", "host": "gpu-01",
+            "tls_cert": str(pki / "agents" / "gpu-01.pem"), "tls_key": str(pki / "agents" / "gpu-01.key"),
+            "tls_client_ca": str(pki / "console-ca.pem"), "operator_ca": str(pki / "agent-ca.pem"),
+            "training_socket": str(tmp_path / "t.sock"), "metrics_listen": f"127.0.0.1:{holder.getsockname()[1]}",
+            "state_dir": str(tmp_path / "state"),
+        })
+        with caplog.at_level(logging.INFO, logger="gpusoc.agent"), pytest.raises(OSError):
+            asyncio.run(serve_forever(cfg, SimulatedCollector(1, host="gpu-01")))
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "control commands enabled: operator CA" in text
+    assert "is the CA that issued this agent's own certificate" in text
