@@ -293,7 +293,6 @@ class DetectionEngine:
         rec_counts: list[int] = []
         proc_hosts: list[HostState] = []
         proc_frames: list[Frame] = []
-        sim_jobs: dict[str, bool] = {}  # job -> its newest records came in simulated frames
         for h, fr in frames:
             if fr.events:
                 for ev in fr.events:
@@ -304,8 +303,6 @@ class DetectionEngine:
                 recs.extend(tr)
                 rec_slots.append(h.slot)
                 rec_counts.append(len(tr))
-                for rec in tr:
-                    sim_jobs[rec.job_id] = fr.simulated
             if fr.processes or h.proc_pids:
                 proc_hosts.append(h)
                 proc_frames.append(fr)
@@ -313,9 +310,6 @@ class DetectionEngine:
         b: RecordBatch | None = None
         if n:
             b = self._record_columns(recs, rec_slots, rec_counts)
-        for job_id, simulated in sim_jobs.items():
-            if job_id in st.jobs:
-                st.jobs[job_id].simulated = simulated
         for h, fr in zip(proc_hosts, proc_frames, strict=True):
             procs = fr.processes
             pids = [p.pid for p in procs]

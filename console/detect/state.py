@@ -132,7 +132,6 @@ class JobState:
     job_id: str
     index: int
     world_size: int = 0
-    simulated: bool = False  # its newest records came in simulated frames
     ranks: dict[int, int] = field(default_factory=dict)  # rank -> rank index
     _ridx: np.ndarray | None = None
     fp_rank: dict[tuple[int, str], str] = field(default_factory=dict)  # (rank, field) -> value
@@ -324,7 +323,12 @@ class DetectState:
         h = self.hosts.get(alert.host) if alert.host else None
         j = self.jobs.get(alert.job_id) if alert.job_id else None
         if h is not None or j is not None:
-            return bool((h is not None and h.simulated) or (j is not None and j.simulated))
+            # a job is simulated when a host of one of its ranks is (worked out here, when an
+            # alert is labelled, rather than per record on the hot path)
+            job_sim = j is not None and any(
+                self.host_list[int(self.ranks.slot[i])].simulated for i in j.ranks.values()
+            )
+            return bool((h is not None and h.simulated) or job_sim)
         if alert.host or alert.job_id:
             return False
         return bool(self.host_list) and all(x.simulated for x in self.host_list)
