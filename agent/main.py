@@ -130,7 +130,7 @@ async def _serve(c: AgentConfig, collector: Collector, stack: contextlib.AsyncEx
         )
     buffer: FrameBuffer | None = None
     if c.spool:
-        from agent.spool import SpoolBuffer, SpoolError
+        from agent.spool import SpoolBuffer, SpoolError, kept_aside
 
         try:
             buffer = SpoolBuffer(
@@ -143,9 +143,6 @@ async def _serve(c: AgentConfig, collector: Collector, stack: contextlib.AsyncEx
             if exc.errno == errno.EBUSY:
                 raise  # another agent owns this state dir: refuse to start (exit 4) rather than run without it
             log.error("%s: falling back to the in-memory buffer (a restart loses unsent frames)", exc)
-    if c.spool:
-        from agent.spool import kept_aside
-
         old = kept_aside(Path(c.state_dir) / "spool")
         if old:
             log.warning("%d spool(s) kept after a host change (never deleted by the agent): %s; serve each as "

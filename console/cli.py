@@ -174,10 +174,9 @@ def _quiet_on_closed_pipe() -> None:
 
 def _is_locked(exc: BaseException) -> bool:
     """True when opening the store failed because another process holds DuckDB's file lock."""
-    from console.store.query import StoreLockedError
+    from console.store.query import StoreLockedError, is_lock_error
 
-    text = str(exc).lower()
-    return isinstance(exc, StoreLockedError) or "could not set lock" in text or "conflicting lock" in text
+    return isinstance(exc, StoreLockedError) or is_lock_error(exc)
 
 
 def _ask_running_console(cmd: str, db: str, locked: BaseException, payload: dict[str, Any],

@@ -386,11 +386,7 @@ def query_alerts(
     has = query("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' AND table_name = 'alerts'", [])
     if not has or not has[0][0]:
         return []
-    # Files written before schema version 2 have no alerts.simulated column.
-    sim = query(
-        "SELECT count(*) FROM duckdb_columns() WHERE schema_name = 'main' AND table_name = 'alerts' "
-        "AND column_name = 'simulated'", [],
-    )
+    sim = query(HAS_SIMULATED_SQL, [])
     sim_col = "simulated" if sim and sim[0][0] else "NULL"
     sql = (
         "SELECT alert_id, kind, severity, state, host, gpu_index, job_id, rank, epoch_ns(onset_ts), "
@@ -429,6 +425,13 @@ def read_alerts(db_path: str | Path, state: str | None = None, limit: int | None
         return query_alerts(lambda sql, params: con.execute(sql, params).fetchall(), state, limit)
     finally:
         con.close()
+
+
+# Files written before schema version 2 have no alerts.simulated column: readers ask first.
+HAS_SIMULATED_SQL: Final = (
+    "SELECT count(*) FROM duckdb_columns() WHERE schema_name = 'main' AND table_name = 'alerts' "
+    "AND column_name = 'simulated'"
+)
 
 
 def data_label(simulated: bool | None) -> str:

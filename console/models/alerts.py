@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
+from console.detect.alerts import HAS_SIMULATED_SQL, data_label
 from console.models.training import Query
 from protos.types import SEVERITY_NAMES, Event, Frame
 
@@ -64,7 +65,7 @@ class AlertRow:
     @property
     def data_label(self) -> str:
         """SIMULATED, real, or - (not recorded): the badge the alerts table shows."""
-        return "-" if self.simulated is None else ("SIMULATED" if self.simulated else "real")
+        return data_label(self.simulated)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +94,6 @@ class EventRow:
 _ALERT_COLUMNS: Final = (
     "CAST(alert_id AS VARCHAR), kind, CAST(severity AS VARCHAR), state, host, gpu_index, job_id, rank, "
     "epoch_ns(onset_ts), epoch_ns(detected_ts), CAST(evidence AS VARCHAR), epoch_ns(updated_at)"
-)
-_HAS_SIMULATED: Final = (
-    "SELECT count(*) FROM duckdb_columns() WHERE schema_name = 'main' AND table_name = 'alerts' "
-    "AND column_name = 'simulated'"
 )
 
 EVENT_COLUMNS: Final = "host, epoch_ns(ts), kind, CAST(severity AS VARCHAR), gpu_index, pid, detail"
@@ -175,7 +172,7 @@ class AlertsModel:
         """Read alerts (optionally only one state), newest first. I/O only: safe on a worker."""
         sim_column = self._sim_column
         if sim_column is None:
-            has = self._query(_HAS_SIMULATED, [])
+            has = self._query(HAS_SIMULATED_SQL, [])
             sim_column = "simulated" if has and has[0][0] else "NULL"
             if sim_column != "NULL":
                 self._sim_column = sim_column  # a column never goes away; its absence is re-checked

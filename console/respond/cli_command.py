@@ -52,6 +52,7 @@ from console.respond.commands import (
     sign,
 )
 from console.store.control import ControlError
+from console.store.query import is_lock_error
 from protos.types import ACTION_ROLLBACK, ACTIONS, ControlState
 
 PINS_FILE = "receipt-keys.json"
@@ -179,7 +180,7 @@ def _context(args: argparse.Namespace, addresses: list[str]) -> Iterator[_Ctx]:
             try:
                 con = duckdb.connect(args.db)
             except duckdb.Error as exc:
-                if not _locked(exc):
+                if not is_lock_error(exc):
                     raise CommandError(f"cannot open store {args.db}: {str(exc).splitlines()[0]}") from None
                 _through_running_console(ctx, args.db, exc)
             else:
@@ -201,11 +202,6 @@ def _context(args: argparse.Namespace, addresses: list[str]) -> Iterator[_Ctx]:
         for close in reversed(ctx.closers):
             with contextlib.suppress(Exception):
                 close()
-
-
-def _locked(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "could not set lock" in text or "conflicting lock" in text
 
 
 def _through_running_console(ctx: _Ctx, db: str, locked: BaseException) -> None:

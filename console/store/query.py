@@ -27,7 +27,8 @@ class StoreLockedError(QueryError):
     """The database file is held open for writing by another process (or with other settings)."""
 
 
-def _is_lock_error(exc: BaseException) -> bool:
+def is_lock_error(exc: BaseException) -> bool:
+    """True when DuckDB refused to open a file because another process holds its lock."""
     text = str(exc).lower()
     return "could not set lock" in text or "conflicting lock" in text
 
@@ -55,7 +56,7 @@ def connect_read_only(db_path: str | Path) -> duckdb.DuckDBPyConnection:
     try:
         con = duckdb.connect(str(path), read_only=True)
     except (duckdb.IOException, duckdb.ConnectionException) as exc:
-        if _is_lock_error(exc) or _is_config_conflict(exc):
+        if is_lock_error(exc) or _is_config_conflict(exc):
             raise StoreLockedError(locked_message(path, exc)) from exc
         raise
     con.execute("SET TimeZone = 'UTC'")
@@ -77,7 +78,7 @@ def run_query(
             try:
                 con = duckdb.connect(str(db_path))
             except (duckdb.IOException, duckdb.ConnectionException) as exc:
-                if _is_lock_error(exc) or _is_config_conflict(exc):
+                if is_lock_error(exc) or _is_config_conflict(exc):
                     raise StoreLockedError(locked_message(db_path, exc)) from exc
                 raise
             con.execute("SET TimeZone = 'UTC'")
