@@ -57,7 +57,7 @@ DEFAULT_MEMORY_LIMIT: Final = "256MB"  # DuckDB buffer pool of the console's sto
 # What the block cache is trimmed back to after each maintenance checkpoint (docs/soak.md):
 # DuckDB keeps every block it writes cached until the pool is full, so without a trim a
 # console's RSS climbs ~1 MB/min at 32 hosts until it reaches memory_limit.
-DEFAULT_CACHE_LIMIT: Final = "16MB"
+DEFAULT_CACHE_LIMIT: Final = "8MB"
 _SIZE_RE: Final = re.compile(r"\d+(\.\d+)?\s*(B|[KMGT]i?B)", re.IGNORECASE)
 _TS: Final = pa.timestamp("us", tz="UTC")
 _MAX_SEQ: Final = 2**63 - 1
