@@ -12,6 +12,10 @@ from pathlib import Path
 
 from agent import __version__
 
+# gRPC's C core prints its own INFO lines (a failed TLS handshake, for one) on stderr ahead of
+# our one-line diagnosis; keep its errors only. GRPC_VERBOSITY=debug in the environment wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 log = logging.getLogger("gpusoc.agent")
 
 

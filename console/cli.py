@@ -16,6 +16,10 @@ from typing import Any
 
 from console import __version__
 
+# gRPC's C core prints its own INFO lines (a failed TLS handshake, for one) on stderr ahead of
+# our one-line diagnosis; keep its errors only. GRPC_VERBOSITY=debug in the environment wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 log = logging.getLogger("gpusoc.console")
 
 DEFAULT_TLS_DIR = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "gpusoc" / "tls"

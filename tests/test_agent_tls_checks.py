@@ -269,6 +269,28 @@ async def test_watch_with_mtls_against_an_insecure_agent_suggests_insecure(
     assert err.rstrip().endswith("(is the agent running with --insecure? then pass --insecure)")
 
 
+
+async def test_watch_cli_prints_one_line_not_grpc_core_logs(pki: Path) -> None:
+    """The CLI's stderr is its diagnosis alone: gRPC's C core logs its failed handshake at INFO."""
+    import asyncio
+
+    rt = AgentRuntime(HOST, SimulatedCollector(1, host=HOST), FrameBuffer(max_frames=10), 0.1)
+    server, port = await run_server(rt)  # plaintext
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent.cli", "watch", f"127.0.0.1:{port}", "--count", "1",
+            "--ca", str(pki / "agent-ca.pem"), "--cert", str(pki / "consoles" / "ops.pem"),
+            "--key", str(pki / "consoles" / "ops.key"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+        _, err_b = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await server.stop(0)
+    assert proc.returncode == 1
+    lines = err_b.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("gpusoc-agent watch: ") and lines[0].endswith("then pass --insecure)")
+
 def test_connection_hints() -> None:
     unavailable = grpc.StatusCode.UNAVAILABLE
     assert "pass --insecure" in connection_hint(unavailable, "...: WRONG_VERSION_NUMBER: ...", insecure=False)
