@@ -218,11 +218,13 @@ async def _serve(c: AgentConfig, collector: Collector, stack: contextlib.AsyncEx
             ) from None
         stack.callback(exporter.close)
         runtime.frame_listeners.append(exporter.listener(collector.gpus()))
+    n_gpus = len(collector.gpus())
     log.info(
-        "serving %s on %s (port %d), %s, training socket %s, epoch %s",
+        "serving %s on %s (port %d), %s, %s, training socket %s, epoch %s",
         c.host,
         c.listen,
         port,
+        f"{n_gpus} SIMULATED GPUs" if collector.simulated else f"{n_gpus} GPUs via NVML",
         "INSECURE plaintext" if creds is None else "mTLS",
         receiver.socket_path,
         buffer.epoch,

@@ -187,3 +187,21 @@ def test_agent_ca_given_as_operator_ca_is_flagged(tmp_path: Path, caplog: pytest
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "control commands enabled: operator CA" in text
     assert "is the CA that issued this agent's own certificate" in text
+
+
+def test_serving_line_says_the_gpus_are_simulated(tmp_path: Path) -> None:
+    """A trial: the start-up line named the host and TLS mode but not that the GPUs were simulated."""
+    cmd = [sys.executable, "-m", "agent.cli", "run", "--simulate-gpus", "2", "--host", "gpu-01", "--insecure",
+           "--listen", "127.0.0.1:0", "--no-spool", "--training-socket", str(tmp_path / "t.sock")]
+    env = {**os.environ, "GPUSOC_AGENT_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        line = ""
+        for line in proc.stderr:
+            if "serving gpu-01" in line:
+                break
+        assert "2 SIMULATED GPUs" in line, line
+    finally:
+        proc.terminate()
+        proc.wait(30)
