@@ -89,8 +89,12 @@ def start_demo_fleet(hosts: int = 32, directory: str | None = None, faults: bool
     if faults:
         cmd.append("--faults")
     logf = open(d / "fleet-sim.log", "ab")  # noqa: SIM115 - lives as long as the child
+    # Its own session: Ctrl-C in a terminal signals the whole foreground group, and a fleet that
+    # stopped with the console cut every stream before ingest stopped (one 'disconnected' warning
+    # per host). The console stops ingest first and then the fleet (DemoFleet.stop); if the
+    # console dies instead, _die_with_parent ends the fleet.
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=dict(os.environ),
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=_die_with_parent, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while not inventory.exists():
         if proc.poll() is not None:

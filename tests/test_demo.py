@@ -81,3 +81,33 @@ def test_demo_fleet_connects_over_mtls_and_is_labelled_simulated(tmp_path: Path)
     assert isinstance(key, Ed25519PrivateKey)
     report = verify_rows(rows, heads, [key.public_key()])
     assert report.ok, report
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_demo_without_disconnect_warnings_or_orphans(tmp_path: Path) -> None:
+    """A trial: Ctrl-C signalled the fleet too, which cut every stream first ('disconnected' x hosts)."""
+    import signal
+    import time
+
+    import psutil
+
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "GPUSOC_CONSOLE_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.Popen([sys.executable, "-m", "console.cli", "--demo", "--demo-hosts", "2",
+                             "--db", str(tmp_path / "demo.duckdb")], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # "demo: 2 simulated hosts, mTLS, data in DIR"
+        assert first.startswith("demo:"), first
+        fleet = [c for c in psutil.Process(proc.pid).children(recursive=True) if "fleet-sim" in " ".join(c.cmdline())]
+        assert fleet
+        time.sleep(8)  # connected and streaming
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "disconnected" not in err, err[-2000:]
+    psutil.wait_procs(fleet, timeout=10)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in fleet)
