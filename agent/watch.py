@@ -13,7 +13,9 @@ import grpc
 from protos import serde
 from protos.types import GPU_STATE_NAMES, METRIC_INDEX, Frame, Gap, SubscribeRequest
 
-_COLS = ("gpu_util_pct", "mem_used_mib", "temp_c", "power_w", "sm_clock_mhz", "ecc_uncorrected")
+# (metric, column header): headers short enough to read whole, with units, like `nvidia-smi dmon`.
+_COLS = (("gpu_util_pct", "util %"), ("mem_used_mib", "mem MiB"), ("temp_c", "temp C"), ("power_w", "power W"),
+         ("sm_clock_mhz", "sm MHz"), ("ecc_uncorrected", "ecc uncor"))
 
 
 def open_channel(address: str, insecure: bool, ca: str | None, cert: str | None, key: str | None) -> grpc.aio.Channel:
@@ -72,10 +74,10 @@ def render(frame: Frame) -> str:
         f"{label}{frame.host} epoch {frame.epoch[:8]} seq {frame.seq} {ts}Z"
         f"  records {len(frame.train)} events {len(frame.events)}"
     ]
-    header = "  gpu state " + " ".join(f"{c[:10]:>10}" for c in _COLS)
+    header = "  gpu state " + " ".join(f"{label:>10}" for _, label in _COLS)
     lines.append(header)
     for row, idx in enumerate(frame.gpu_index):
-        vals = " ".join(f"{_fmt(float(frame.gpu_values[row, METRIC_INDEX[c]])):>10}" for c in _COLS)
+        vals = " ".join(f"{_fmt(float(frame.gpu_values[row, METRIC_INDEX[c]])):>10}" for c, _ in _COLS)
         lines.append(f"  {idx:3d} {GPU_STATE_NAMES.get(frame.gpu_state[row], '?'):>5} {vals}")
     for r in frame.train[-3:]:
         lines.append(f"  train job={r.job_id} rank={r.rank} step={r.step} loss={r.loss:.4g} pid={r.pid}")

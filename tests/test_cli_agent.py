@@ -52,3 +52,17 @@ def test_base_install_does_not_pull_console_dependencies() -> None:
     lowered = " ".join(deps).lower()
     for heavy in ("pyside6", "duckdb", "pyqtgraph", "pyarrow"):
         assert heavy not in lowered
+
+
+def test_watch_headers_are_whole_words_with_units_aligned_to_the_values() -> None:
+    """A trial: the headers were metric names cut to 10 characters (`gpu_util_p`, `ecc_uncorr`)."""
+    from agent.watch import render
+    from tests.helpers import make_frame
+
+    lines = render(make_frame(n_gpus=2)).splitlines()
+    header, row = lines[1], lines[2]
+    assert header.split()[:4] == ["gpu", "state", "util", "%"]
+    assert "gpu_util_p" not in header and "ecc_uncorr" not in header
+    for label in ("mem MiB", "temp C", "power W", "sm MHz", "ecc uncor"):
+        assert label in header
+    assert len(header) == len(row)  # each value sits under its header
